@@ -1,0 +1,65 @@
+"""Sampling pieces: schedule vs diffusers' scheduler, packing vs diffusers, seeded noise."""
+
+import numpy as np
+import pytest
+import torch
+
+from fluxion import sampling
+
+
+@pytest.mark.parametrize("steps,seq_len", [(1, 16), (4, 256), (20, 1024), (28, 4096), (50, 6000)])
+def test_schedule_matches_diffusers_dynamic_shift(steps, seq_len):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    mu = calculate_shift(seq_len, 256, 4096, 0.5, 1.15)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    ours = sampling.get_schedule(steps, seq_len, shift=True)
+    assert len(ours) == steps + 1
+    np.testing.assert_allclose(ours, scheduler.sigmas.double().numpy(), atol=1e-6)
+
+
+def test_schnell_schedule_is_unshifted_linspace():
+    assert sampling.get_schedule(4, 4096, shift=False) == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+
+
+def test_shift_formula_endpoints():
+    assert sampling.schedule_mu(256) == pytest.approx(0.5)
+    assert sampling.schedule_mu(4096) == pytest.approx(1.15)
+    t = sampling.get_schedule(2, 4096)
+    mu = 1.15
+    assert t[1] == pytest.approx(np.exp(mu) / (np.exp(mu) + (1 / 0.5 - 1)))
+
+
+def test_bad_step_count():
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        sampling.get_schedule(0, 256)
+
+
+def test_pack_matches_diffusers_and_round_trips():
+    from diffusers import FluxPipeline
+
+    x = torch.randn(2, 16, 8, 12)
+    packed = sampling.pack(x)
+    theirs = FluxPipeline._pack_latents(x, 2, 16, 8, 12)
+    assert torch.equal(packed, theirs)
+    assert torch.equal(sampling.unpack(packed, 8, 12), x)
+
+
+def test_image_ids_match_diffusers():
+    from diffusers import FluxPipeline
+
+    ours = sampling.image_ids(3, 8, 12)
+    theirs = FluxPipeline._prepare_latent_image_ids(3, 4, 6, "cpu", torch.float32)
+    assert ours.shape == (3, 24, 3)
+    assert torch.equal(ours[1], theirs)
+
+
+def test_noise_is_per_seed_and_batch_independent():
+    a = sampling.get_noise([7, 8, 9], 64, 48)
+    b = sampling.get_noise([9], 64, 48)
+    assert a.shape == (3, 16, 8, 6)
+    assert torch.equal(a[2], b[0])
+    assert not torch.equal(a[0], a[1])
