@@ -151,8 +151,10 @@ class Pipeline:
         if output_type not in ("pil", "latent", "pt"):
             raise InputError(f"output_type must be 'pil', 'latent' or 'pt', got {output_type!r}")
         negatives = _as_list(negative_prompt, len(prompts), "negative_prompt")
-        height = height or (image.height if image is not None else self.defaults.size)
-        width = width or (image.width if image is not None else self.defaults.size)
+        if height is None:
+            height = image.height if image is not None else self.defaults.size
+        if width is None:
+            width = image.width if image is not None else self.defaults.size
         self.check_size(height, width)
         if not 0.0 < strength <= 1.0:
             raise InputError(f"strength must be in (0, 1], got {strength}")

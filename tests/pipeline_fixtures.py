@@ -1,0 +1,47 @@
+"""Small random pipelines for tests: debug-size transformer and VAE, and a deterministic toy text encoder."""
+
+import hashlib
+
+import torch
+
+from fluxion.model import AUTOENCODER_PRESETS, TRANSFORMER_PRESETS, AutoEncoder, Flux
+from fluxion.pipeline import Pipeline
+
+
+class ToyTextEncoder:
+    """Maps each prompt to fixed random states seeded by its hash: distinct prompts, distinct conditioning."""
+
+    context_dim = vec_dim = 32
+    max_length = 8
+
+    def encode(self, prompts):
+        txt, vec = [], []
+        for p in prompts:
+            g = torch.Generator().manual_seed(int(hashlib.sha256(p.encode()).hexdigest()[:8], 16))
+            txt.append(torch.randn(self.max_length, self.context_dim, generator=g))
+            vec.append(torch.randn(self.vec_dim, generator=g))
+        return torch.stack(txt), torch.stack(vec)
+
+    def to(self, device=None, dtype=None):
+        return self
+
+
+def random_weights(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if p.ndim == 1 and "scale" in str(p) else 0.0))
+    return module
+
+
+def make_pipeline(variant: str = "dev", guidance_embed: bool | None = None) -> Pipeline:
+    torch.manual_seed(0)
+    params = TRANSFORMER_PRESETS["debug"]
+    if guidance_embed is None:
+        guidance_embed = variant == "dev"
+    params = type(params)(**{**params.__dict__, "guidance_embed": guidance_embed})
+    transformer = random_weights(Flux(params), seed=1)
+    autoencoder = random_weights(AutoEncoder(AUTOENCODER_PRESETS["debug"]), seed=2, std=0.02)
+    defaults = {"size": 64, "num_inference_steps": 3}
+    return Pipeline(transformer, autoencoder, ToyTextEncoder(), variant=variant, name=f"debug-{variant}",
+                    defaults=defaults, device="cpu", dtype=torch.float32)
