@@ -68,7 +68,8 @@ class Pipeline:
         self.dtype = resolve_dtype(dtype, self.device)
         self.transformer = transformer.to(self.device, self.dtype).eval()
         self.autoencoder = autoencoder.to(self.device, self.dtype).eval()
-        self.text_encoder = text_encoder.to(device=self.device, dtype=self.dtype)
+        # the text encoder keeps its own dtype (MiniLM stays fp32, T5 loads as asked); outputs are cast below
+        self.text_encoder = text_encoder.to(device=self.device)
         self.variant = variant or ("dev" if transformer.params.guidance_embed else "schnell")
         if self.variant not in VARIANTS:
             raise InputError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")

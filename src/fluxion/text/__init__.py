@@ -35,7 +35,8 @@ def load_text_encoder(files: Any, variant: str | None = None, dtype: torch.dtype
                       device: torch.device | str | None = None) -> TextEncoder:
     """The encoder a resolved model needs (`fluxion.registry.ModelFiles`): MiniLM, or T5 + CLIP from its folders."""
     if files.text_encoder == "minilm":
-        return load_minilm(dtype=dtype, device=device)
+        # MiniLM stays fp32 whatever the pipeline dtype: it is small, and the in-house models were trained on fp32 states
+        return load_minilm(device=device)
     if files.text_encoder == "t5+clip":
         t5 = load_t5(files.t5, files.t5_tokenizer, max_length=T5_MAX_LENGTH.get(variant or "dev", 512),
                      dtype=dtype, device=device)
