@@ -305,7 +305,8 @@ def test_load_transformer_equals_saved_model(tmp_path):
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
 
     g = torch.Generator().manual_seed(0)
-    img, txt, y = torch.randn(1, 4, 64, generator=g), torch.randn(1, 3, 32, generator=g), torch.randn(1, 32, generator=g)
+    img, txt = torch.randn(1, 4, 64, generator=g), torch.randn(1, 3, 32, generator=g)
+    y = torch.randn(1, 32, generator=g)
     ids_img, ids_txt = torch.zeros(1, 4, 3), torch.zeros(1, 3, 3)
     args = (img, ids_img, txt, ids_txt, torch.tensor([0.5]), y)
     with torch.no_grad():

@@ -104,7 +104,8 @@ def test_transformer_rule_semantics():
     linear1 = ours["single_blocks.1.linear1.weight"]  # (3h + 4h, h)
     assert torch.equal(theirs["single_transformer_blocks.1.attn.to_k.weight"], linear1[h:2 * h])
     assert torch.equal(theirs["single_transformer_blocks.1.proj_mlp.weight"], linear1[3 * h:])
-    assert torch.equal(theirs["single_transformer_blocks.1.proj_mlp.bias"], ours["single_blocks.1.linear1.bias"][3 * h:])
+    assert torch.equal(theirs["single_transformer_blocks.1.proj_mlp.bias"],
+                       ours["single_blocks.1.linear1.bias"][3 * h:])
     shift, scale = ours["final_layer.adaLN_modulation.1.weight"].chunk(2)
     assert torch.equal(theirs["norm_out.linear.weight"], torch.cat([scale, shift]))
     assert torch.equal(theirs["proj_out.weight"], ours["final_layer.linear.weight"])

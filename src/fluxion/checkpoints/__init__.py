@@ -5,7 +5,8 @@ from .detect import (SCALE_FACTOR_KEY, SHIFT_FACTOR_KEY, default_axes_dim, detec
                      params_metadata)
 from .io import (CheckpointInfo, TensorInfo, check_state_dict, load_into, load_state_dict, read_checkpoint_info,
                  save_state_dict)
-from .keymaps import AUTOENCODER_KEYMAP, KEYMAPS, TRANSFORMER_KEYMAP, KeyMap, Rule, convert_state_dict, to_bfl, to_diffusers
+from .keymaps import (AUTOENCODER_KEYMAP, KEYMAPS, TRANSFORMER_KEYMAP, KeyMap, Rule, convert_state_dict, to_bfl,
+                      to_diffusers)
 from .loaders import (CheckpointSource, convert_checkpoint, export_diffusers, load_autoencoder, load_transformer,
                       open_checkpoint)
 

@@ -143,7 +143,11 @@ def detect_transformer_params(shapes: Shapes, metadata: Mapping[str, str] | None
         qkv_bias=qkv_bias,
         guidance_embed="guidance_in.in_layer.weight" in s,
     )
-    fields.update(_from_metadata(metadata, TRANSFORMER_METADATA_FIELDS))
+    stored = _from_metadata(metadata, TRANSFORMER_METADATA_FIELDS)
+    if "axes_dim" not in stored:
+        logger.debug("no %saxes_dim metadata: RoPE axes %s follow FLUX's proportions", METADATA_PREFIX,
+                     fields["axes_dim"])
+    fields.update(stored)
     try:
         return FluxParams(**fields)
     except ValueError as e:
@@ -254,8 +258,8 @@ def params_from_diffusers_config(config: Mapping, source: str = "config.json") -
                 scale_factor=config.get("scaling_factor", 0.3611),
                 shift_factor=config.get("shift_factor") if config.get("shift_factor") is not None else 0.1159,
             )
-    except (TypeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError) as e:  # wrong value types, or FluxParams' own consistency checks
         raise CheckpointError(f"{source}: invalid {name} config: {e}") from e
     raise CheckpointError(f"{source}: _class_name {name!r} is neither FluxTransformer2DModel nor AutoencoderKL")

@@ -121,7 +121,8 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
 
 def _tensor_info(path: Path, key: str, entry) -> TensorInfo:
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-        raise CheckpointError(f"{path}: header entry for {key!r} needs dtype, shape and data_offsets, got {entry!r:.200}")
+        raise CheckpointError(f"{path}: header entry for {key!r} needs dtype, shape and data_offsets, "
+                              f"got {entry!r:.200}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if dtype not in SAFETENSORS_DTYPES:
         raise CheckpointError(f"{path}: tensor {key!r} has dtype {dtype!r}, which fluxion cannot read "

@@ -139,7 +139,8 @@ AUTOENCODER_KEYMAP = KeyMap(
     rules=(
         *(Rule(f"{o}.{a}.{p}", (f"{t}.{b}.{p}",), reverse=rev)
           for o, t, rev in _RESNET_AT for a, b in _RESNET for p in ("weight", "bias")),
-        *(Rule(f"{part}.mid.attn_1.{a}.{p}", (f"{part}.mid_block.attentions.0.{b}.{p}",), op if p == "weight" else "copy")
+        *(Rule(f"{part}.mid.attn_1.{a}.{p}", (f"{part}.mid_block.attentions.0.{b}.{p}",),
+               op if p == "weight" else "copy")
           for part in ("encoder", "decoder") for a, b, op in _ATTN for p in ("weight", "bias")),
         *(Rule(f"{o}.{p}", (f"{t}.{p}",), reverse=rev) for o, t, rev in _VAE_PLAIN for p in ("weight", "bias")),
     ),

@@ -89,7 +89,8 @@ def _diffusers_files(folder: Path) -> list[Path]:
         return found
     if not found:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".ckpt", ".pt", ".pth"))
-        hint = f" (it has {', '.join(pickles)}: pickle files are refused; convert them to safetensors)" if pickles else ""
+        hint = f" (it has {', '.join(pickles)}: pickle files are refused; convert them to safetensors)" \
+            if pickles else ""
         raise CheckpointError(f"no .safetensors weights in {folder}{hint}")
     raise CheckpointError(f"{folder} holds several .safetensors files and no {DIFFUSERS_INDEX}: "
                           f"{', '.join(p.name for p in found)}; pass the file to load")
