@@ -1,0 +1,98 @@
+"""A seeded, indexable dataset of shapes-world images with captions, and a batch sampler that keeps buckets apart."""
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fluxion.data.captions import caption
+from fluxion.data.render import render
+from fluxion.data.shapes import BUCKETS, TRAIN_SHAPES, Scene, sample_scene
+from fluxion.errors import InputError
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """uint8 RGB image -> (3, H, W) float32 in [-1, 1]."""
+    array = np.array(image.convert("RGB"))  # a writable copy, as torch.from_numpy wants
+    return torch.from_numpy(array).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+class ShapesDataset:
+    """Item i is a function of (seed, i) only: its bucket is `buckets[i % len(buckets)]`, its scene and caption
+    come from a generator seeded with (seed, i). Held-out pairs and shapes appear only with `allow_held_out`."""
+
+    def __init__(self, seed: int = 0, length: int = 1_000_000, buckets: Sequence[tuple[int, int]] = BUCKETS, *,
+                 allow_held_out: bool = False, shapes: tuple[str, ...] = TRAIN_SHAPES):
+        if length < 1 or not buckets:
+            raise InputError(f"ShapesDataset needs length >= 1 and at least one bucket, got length={length}, "
+                             f"buckets={buckets}")
+        for h, w in buckets:
+            if h % 16 or w % 16:
+                raise InputError(f"bucket {(h, w)} must have sides divisible by 16 (VAE x8, then 2x2 patches)")
+        self.seed, self.length, self.buckets = seed, length, tuple(tuple(b) for b in buckets)
+        self.allow_held_out, self.shapes = allow_held_out, shapes
+
+    def __len__(self) -> int:
+        return self.length
+
+    def bucket_for_index(self, index: int) -> tuple[int, int]:
+        return self.buckets[index % len(self.buckets)]
+
+    def scene(self, index: int) -> tuple[Scene, str]:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for ShapesDataset of length {self.length}")
+        rng = np.random.default_rng((self.seed, index))
+        scene = sample_scene(rng, self.bucket_for_index(index), allow_held_out=self.allow_held_out,
+                             shapes=self.shapes)
+        return scene, caption(scene, rng)
+
+    def image(self, index: int) -> tuple[Image.Image, str]:
+        scene, text = self.scene(index)
+        return render(scene), text
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        """(image (3, H, W) float32 in [-1, 1], caption)."""
+        image, text = self.image(index)
+        return to_tensor(image), text
+
+
+def collate(items: Sequence[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:
+    """Items of one bucket -> ((B, 3, H, W), captions)."""
+    shapes = {tuple(x.shape) for x, _ in items}
+    if len(shapes) != 1:
+        raise InputError(f"cannot batch images of different shapes {sorted(shapes)}; use BucketBatchSampler")
+    return torch.stack([x for x, _ in items]), [t for _, t in items]
+
+
+class BucketBatchSampler:
+    """Batches of indices that all share one bucket, shuffled per epoch from (seed, epoch); usable as a
+    torch DataLoader `batch_sampler`. Leftovers smaller than `batch_size` are dropped unless `drop_last=False`."""
+
+    def __init__(self, dataset: ShapesDataset, batch_size: int, seed: int = 0, drop_last: bool = True):
+        if batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        self.dataset, self.batch_size, self.seed, self.drop_last = dataset, batch_size, seed, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def _groups(self) -> list[np.ndarray]:
+        n, k = len(self.dataset), len(self.dataset.buckets)
+        return [np.arange(b, n, k) for b in range(k)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng((self.seed, self.epoch))
+        batches = []
+        for group in self._groups():
+            group = rng.permutation(group)
+            stop = len(group) - len(group) % self.batch_size if self.drop_last else len(group)
+            batches += [group[i:i + self.batch_size].tolist() for i in range(0, stop, self.batch_size)]
+        for i in rng.permutation(len(batches)):
+            yield batches[i]
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return sum(len(g) // self.batch_size for g in self._groups())
+        return sum(-(-len(g) // self.batch_size) for g in self._groups())
