@@ -4,7 +4,8 @@ import hashlib
 
 import torch
 
-from fluxion.model import AUTOENCODER_PRESETS, TRANSFORMER_PRESETS, AutoEncoder, Flux
+from fluxion.checkpoints import export_diffusers
+from fluxion.model import AUTOENCODER_PRESETS, TRANSFORMER_PRESETS, AutoEncoder, Flux, FluxParams
 from fluxion.pipeline import Pipeline
 
 
@@ -45,3 +46,30 @@ def make_pipeline(variant: str = "dev", guidance_embed: bool | None = None) -> P
     defaults = {"size": 64, "num_inference_steps": 3}
     return Pipeline(transformer, autoencoder, ToyTextEncoder(), variant=variant, name=f"debug-{variant}",
                     defaults=defaults, device="cpu", dtype=torch.float32)
+
+
+def save_diffusers_flux(root, encoders, guidance_embed: bool, dynamic_shift: bool):
+    """Save a diffusers FLUX folder built from our random weights; return diffusers' FluxPipeline loaded from it."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    params = FluxParams(**{**TRANSFORMER_PRESETS["debug"].__dict__, "guidance_embed": guidance_embed})
+    transformer = random_weights(Flux(params), seed=11)
+    ae_params = AUTOENCODER_PRESETS["debug"]
+    autoencoder = random_weights(AutoEncoder(ae_params), seed=12, std=0.02)
+    export_diffusers(transformer.state_dict(), params, root / "transformer", "transformer")
+    export_diffusers(autoencoder.state_dict(), ae_params, root / "vae", "vae")
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0, use_dynamic_shifting=dynamic_shift, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096)
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=AutoencoderKL.from_pretrained(root / "vae"),
+        transformer=FluxTransformer2DModel.from_pretrained(root / "transformer"),
+        text_encoder=CLIPTextModel.from_pretrained(encoders["text_encoder"]),
+        tokenizer=CLIPTokenizer.from_pretrained(encoders["tokenizer"]),
+        text_encoder_2=T5EncoderModel.from_pretrained(encoders["text_encoder_2"]),
+        tokenizer_2=T5TokenizerFast.from_pretrained(encoders["tokenizer_2"]),
+    )
+    pipe.save_pretrained(root)
+    return pipe

@@ -110,10 +110,40 @@ def cmd_generate(args) -> None:
         print(f"{path}  seed={settings.seed}")
 
 
-def cmd_info(args) -> None:
-    from .checkpoints import describe_checkpoint
+def describe(path: Path) -> dict:
+    """What `fluxion info` prints: component, layout, variant, sizes, dtypes and a summary of the keys."""
+    from dataclasses import asdict
 
-    print(json.dumps(describe_checkpoint(args.checkpoint), indent=2))
+    from .checkpoints import open_checkpoint
+
+    source = open_checkpoint(path)
+    params = source.params()
+    info = {"path": str(path), "component": source.component, "layout": source.layout}
+    if source.component == "transformer":
+        kind = {64: "", 384: " (fill: image + mask conditioning)", 128: " (control: depth/canny conditioning)"}
+        info["variant"] = ("dev (guidance-distilled)" if params.guidance_embed else "schnell or pro (no guidance input)") \
+            + kind.get(params.in_channels, f" (img_in width {params.in_channels})")
+    info["params"] = asdict(params)
+    info["num_parameters"] = sum(i.num_params for i in source.infos)
+    info["bytes"] = sum(i.total_bytes for i in source.infos)
+    dtypes: dict[str, int] = {}
+    for i in source.infos:
+        for name, count in i.dtype_counts().items():
+            dtypes[name] = dtypes.get(name, 0) + count
+    info["dtypes"] = dtypes
+    groups: dict[str, int] = {}
+    for key in source.shapes:
+        top = key[len(source.prefix):].split(".")[0]
+        groups[top] = groups.get(top, 0) + 1
+    info["keys"] = {"total": len(source.shapes), "by_prefix": groups}
+    fluxion_meta = {k: v for k, v in source.metadata.items() if k.startswith("fluxion.")}
+    if fluxion_meta:
+        info["metadata"] = fluxion_meta
+    return info
+
+
+def cmd_info(args) -> None:
+    print(json.dumps(describe(args.checkpoint), indent=2))
 
 
 def cmd_convert(args) -> None:
@@ -187,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except (FluxionError, FileNotFoundError, ValueError) as e:
+        if args.verbose:
+            raise
         print(f"fluxion {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -98,9 +98,13 @@ def _from_diffusers(root: Path, name: str) -> ModelFiles:
                        transformer=_require(root / "transformer", "diffusers transformer folder"),
                        autoencoder=_require(root / "vae", "diffusers vae folder"), text_encoder="t5+clip")
     _add_t5_clip(files, root)
+    # schnell is the model sampled without the resolution shift; with it, the guidance input tells dev from pro
     scheduler = root / "scheduler" / "scheduler_config.json"
-    if scheduler.is_file() and not json.loads(scheduler.read_text()).get("use_dynamic_shifting", True):
-        files.variant = "schnell"
+    if scheduler.is_file():
+        dynamic = json.loads(scheduler.read_text()).get("use_dynamic_shifting", True)
+        transformer_config = root / "transformer" / "config.json"
+        guidance = transformer_config.is_file() and json.loads(transformer_config.read_text()).get("guidance_embeds")
+        files.variant = "dev" if guidance else ("pro" if dynamic else "schnell")
     return files
 
 

@@ -1,0 +1,109 @@
+"""The `fluxion` command, run as a user runs it: generate, reproduce from metadata, info, convert, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fluxion.metadata import read_settings
+from pipeline_fixtures import save_diffusers_flux
+from text_fixtures import tiny_text_encoders  # noqa: F401  (session fixture)
+
+
+def fluxion(*args, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "fluxion.cli", *map(str, args)], capture_output=True, text=True,
+                            env=env, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"fluxion {' '.join(map(str, args))} failed:\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_text_encoders):  # noqa: F811
+    root = tmp_path_factory.mktemp("flux-dev-tiny")
+    save_diffusers_flux(root, tiny_text_encoders, guidance_embed=True, dynamic_shift=True)
+    return root
+
+
+def test_generate_then_reproduce_from_metadata(model_dir, tmp_path):
+    out = tmp_path / "a.png"
+    r = fluxion("generate", "a red circle", "--model", model_dir, "--steps", 2, "--seed", 7, "--width", 48,
+                "--height", 32, "--guidance", 2.5, "--out", out)
+    assert "seed=7" in r.stdout
+    settings = read_settings(out)
+    assert (settings.prompt, settings.seed, settings.width, settings.height) == ("a red circle", 7, 48, 32)
+    assert (settings.num_inference_steps, settings.guidance_scale, settings.model) == (2, 2.5, str(model_dir))
+
+    again = tmp_path / "again.png"
+    fluxion("generate", "--from-image", out, "--out", again)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+    assert read_settings(again) == settings
+
+
+def test_several_seeds_and_prompt_file(model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a blue square\n\na green triangle\n")
+    fluxion("generate", "--prompt-file", prompts, "--model", model_dir, "--steps", 1, "--seed", 1, 2,
+            "--width", 32, "--height", 32, "--out", tmp_path / "b.png")
+    written = sorted(p.name for p in tmp_path.glob("b-*.png"))
+    assert written == ["b-0.png", "b-1.png", "b-2.png", "b-3.png"]
+    records = [read_settings(tmp_path / n) for n in written]
+    assert [(r.prompt, r.seed) for r in records] == [("a blue square", 1), ("a blue square", 2),
+                                                      ("a green triangle", 1), ("a green triangle", 2)]
+
+
+def test_img2img_records_its_source(model_dir, tmp_path):
+    src = tmp_path / "src.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(src)
+    out = tmp_path / "i2i.png"
+    fluxion("generate", "a red square", "--model", model_dir, "--steps", 4, "--seed", 0, "--init-image", src,
+            "--strength", 0.5, "--out", out)
+    s = read_settings(out)
+    assert (s.init_image, s.strength, s.width) == (str(src), 0.5, 32)
+
+
+def test_info_and_convert_round_trip(model_dir, tmp_path):
+    info = json.loads(fluxion("info", model_dir / "transformer").stdout)
+    assert info["component"] == "transformer" and info["layout"] == "diffusers"
+    assert info["variant"].startswith("dev") and info["params"]["hidden_size"] == 64
+    bfl = tmp_path / "flux1-dev.safetensors"
+    fluxion("convert", model_dir / "transformer", bfl, "--to", "bfl")
+    info_bfl = json.loads(fluxion("info", bfl).stdout)
+    assert info_bfl["layout"] == "bfl" and info_bfl["num_parameters"] == info["num_parameters"]
+    assert "double_blocks" in info_bfl["keys"]["by_prefix"]
+    back = tmp_path / "transformer"
+    fluxion("convert", bfl, back, "--to", "diffusers")
+    from safetensors.torch import load_file
+
+    a = load_file(model_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    b = load_file(back / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "x", "--model", "no-such-model"], "model 'no-such-model' not found; looked in"),
+    (["generate", "x", "--width", "50"], "width=50 must be a positive multiple of 16"),
+    (["generate"], "give a PROMPT"),
+    (["generate", "--from-image", "missing.png"], "no such file"),
+    (["info", "missing.safetensors"], "does not exist"),
+])
+def test_errors_are_specific(model_dir, args, message):
+    if "--width" in args:
+        args = [*args, "--model", str(model_dir)]
+    r = fluxion(*args, check=False)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_pickles_are_refused(tmp_path):
+    bad = tmp_path / "model.ckpt"
+    bad.write_bytes(b"\x80\x04K\x01.")
+    r = fluxion("info", bad, check=False)
+    assert r.returncode == 2 and "pickle" in r.stderr
