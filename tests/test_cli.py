@@ -107,3 +107,41 @@ def test_pickles_are_refused(tmp_path):
     bad.write_bytes(b"\x80\x04K\x01.")
     r = fluxion("info", bad, check=False)
     assert r.returncode == 2 and "pickle" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def minilm_model_dir(tmp_path_factory):
+    """A random in-house-style model: manifest, BFL files, MiniLM text (384-d)."""
+    import torch
+
+    from fluxion.checkpoints import params_metadata, save_state_dict
+    from fluxion.model import AUTOENCODER_PRESETS, AutoEncoder, Flux, FluxParams
+    from pipeline_fixtures import random_weights
+
+    root = tmp_path_factory.mktemp("tiny-random")
+    params = FluxParams(vec_in_dim=384, context_in_dim=384, hidden_size=64, num_heads=2, depth=1,
+                        depth_single_blocks=1, axes_dim=[4, 14, 14], guidance_embed=False)
+    save_state_dict(random_weights(Flux(params), seed=3).state_dict(), root / "transformer.safetensors",
+                    metadata=params_metadata(params))
+    save_state_dict(random_weights(AutoEncoder(AUTOENCODER_PRESETS["debug"]), seed=4).state_dict(),
+                    root / "ae.safetensors")
+    (root / "fluxion.json").write_text(json.dumps({
+        "name": "tiny-random", "variant": "schnell", "transformer": "transformer.safetensors",
+        "autoencoder": "ae.safetensors", "text_encoder": "minilm",
+        "defaults": {"num_inference_steps": 2, "size": 64}}))
+    return root
+
+
+def test_eval_writes_results_and_contact_sheets(minilm_model_dir, tmp_path):
+    spec = tmp_path / "spec.jsonl"
+    spec.write_text("\n".join(json.dumps(e) for e in [
+        {"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a photo of a circle"},
+        {"tag": "colors", "include": [{"class": "square", "count": 1, "color": "red"}], "prompt": "a red square"},
+    ]) + "\n")
+    out = tmp_path / "eval"
+    r = fluxion("eval", "--model", minilm_model_dir, "--spec", spec, "--images-per-prompt", 2, "--steps", 1,
+                "--out", out)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["per_tag"]) == {"single_object", "colors"} and results["images"] == 4
+    assert 0.0 <= results["overall"] <= 1.0 and "overall" in r.stdout
+    assert list(out.glob("contact*.png"))

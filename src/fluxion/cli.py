@@ -154,7 +154,7 @@ def cmd_convert(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .eval import run_eval
+    from .eval import format_table, run_eval
     from .pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
@@ -164,7 +164,8 @@ def cmd_eval(args) -> None:
                     true_cfg_scale=args.true_cfg)
 
     results = run_eval(generate, args.spec, args.images_per_prompt, args.out, seed=args.seed)
-    print(f"overall {results['overall']:.3f}  -> {args.out}")
+    print(format_table(results))
+    print(f"report: {args.out}/results.json and contact sheets")
 
 
 def cmd_train(args) -> None:
