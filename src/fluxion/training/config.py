@@ -1,0 +1,298 @@
+"""Training recipes: TOML files parsed into dataclasses, with errors that name the file and the offending key."""
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..data.shapes import BUCKETS
+from ..errors import InputError
+from ..model.configs import AUTOENCODER_PRESETS, TRANSFORMER_PRESETS, AutoEncoderParams, FluxParams
+from ..pipeline import VARIANTS, VariantDefaults
+
+STAGES = ("vae", "flow", "guidance", "fewstep")
+PRECISIONS = ("auto", "fp32", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
+EXPORT_DTYPES = ("fp32", "bf16", "fp16")
+
+DEFAULT_PROMPTS = [
+    "a red circle", "two blue squares", "a green triangle left of a yellow circle",
+    "three orange circles on a black background", "a large purple square above a small red triangle",
+    "four yellow triangles", "a blue circle below a green square", "a purple triangle",
+]
+
+
+class ConfigError(InputError):
+    """A training recipe is malformed: unknown or missing key, wrong type, or a value out of range."""
+
+
+@dataclass
+class RunConfig:
+    name: str  # the model's name (manifest "name")
+    stage: str  # one of STAGES
+    out_dir: str  # run folder: checkpoint, metrics, plots, samples, the finished model
+    steps: int  # optimiser steps of the whole run (the LR schedule spans them)
+    batch_size: int
+    seed: int = 0  # model init and every random draw of training (noise, t, dropout, guidance)
+    device: str = "auto"  # "auto": cuda, then mps, then cpu
+    precision: str = "auto"  # "bf16": autocast the forward; "auto": bf16 on accelerators, fp32 on cpu
+
+
+@dataclass
+class DataConfig:
+    seed: int = 0  # the shapes world's seed: item i is a function of (seed, i)
+    num_images: int = 1_000_000  # dataset length; transformer stages encode this many images once, into a cache
+    buckets: list[list[int]] = field(default_factory=lambda: [list(b) for b in BUCKETS])
+    cache_dir: str = ""  # frozen-feature cache (VAE latents, MiniLM states); "" = <out_dir>/cache
+
+
+@dataclass
+class ModelConfig:
+    preset: str  # TRANSFORMER_PRESETS or (stage "vae") AUTOENCODER_PRESETS
+    params: dict = field(default_factory=dict)  # overrides of the preset's fields
+    init_from: str = ""  # weights to start from (a teacher or an earlier stage); "" = from scratch
+    init_guidance: float = 0.0  # init_from embeds guidance, this model not: fold guidance_in(g) into a bias
+    autoencoder: str = ""  # the frozen trained VAE (transformer stages)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"  # or "cosine" (to min_lr_ratio * lr at the last step)
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.999
+
+
+@dataclass
+class VAEObjective:
+    l1_weight: float = 1.0
+    mse_weight: float = 1.0
+    kl_weight: float = 1e-5  # on the per-element mean KL: small, only to keep the latents bounded
+    stats_images: int = 4096  # images whose posterior means set the latent scale/shift at the end
+
+
+@dataclass
+class FlowObjective:
+    t_mean: float = 0.0  # logit-normal timesteps, t = sigmoid(N(t_mean, t_std)) (SD3)
+    t_std: float = 1.0
+    shift: bool = True  # apply the sampler's resolution-dependent shift to t as well
+    caption_dropout: float = 0.1  # empty caption "" with this probability (for classifier-free guidance)
+
+
+@dataclass
+class GuidanceObjective:
+    teacher: str  # transformer without guidance embedding, sampled with true CFG against ""
+    guidance_min: float = 1.0  # w ~ U[guidance_min, guidance_max]
+    guidance_max: float = 6.0
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    shift: bool = True
+    caption_dropout: float = 0.0
+
+
+@dataclass
+class FewStepObjective:
+    teacher: str  # a dev model (distilled guidance) or a pro model (true CFG)
+    teacher_guidance: float = 3.5  # the teacher's guidance (embedded for dev, CFG scale for pro)
+    teacher_substeps: int = 4  # Euler steps of the teacher per student step
+    student_steps: list[int] = field(default_factory=lambda: [4])  # schedules the student learns (unshifted)
+
+
+OBJECTIVES = {"vae": VAEObjective, "flow": FlowObjective, "guidance": GuidanceObjective, "fewstep": FewStepObjective}
+
+
+@dataclass
+class LogConfig:
+    log_every: int = 10  # metrics.jsonl rows (mean loss over the interval)
+    plot_every: int = 500  # loss.png
+    sample_every: int = 1000  # samples/step-XXXXXXX.png from the EMA model; 0 = off
+    checkpoint_every: int = 500
+    sample_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    sample_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    sample_size: int = 64
+    progress: bool = True
+
+
+@dataclass
+class ExportConfig:
+    variant: str = ""  # "pro" / "dev" / "schnell" (transformer stages)
+    dir: str = ""  # copy the finished model here (e.g. src/fluxion/models/tiny-pro); "" = keep it in the run only
+    dtype: str = "bf16"  # floating tensors of the exported files
+    defaults: dict = field(default_factory=dict)  # the manifest's generation defaults (VariantDefaults fields)
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig
+    data: DataConfig
+    model: ModelConfig
+    optim: OptimConfig
+    ema: EMAConfig
+    objective: VAEObjective | FlowObjective | GuidanceObjective | FewStepObjective
+    log: LogConfig
+    export: ExportConfig
+    source: str = "<dict>"
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+    @property
+    def is_vae(self) -> bool:
+        return self.run.stage == "vae"
+
+    def model_params(self) -> FluxParams | AutoEncoderParams:
+        presets, cls = (AUTOENCODER_PRESETS, AutoEncoderParams) if self.is_vae else (TRANSFORMER_PRESETS, FluxParams)
+        base = dataclasses.asdict(presets[self.model.preset])
+        return cls(**{**base, **self.model.params})
+
+
+# -- parsing --------------------------------------------------------------------------------------------------------
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str, source: str):
+    """Check value against the annotation tp (int, float, str, bool, dict, list[...], unions) and return it."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key, source)
+            except ConfigError:
+                continue
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(tp)
+            return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"{source}: key {key} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _parse_table(cls, table, where: str, source: str):
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [{where}] must be a table, got {type(table).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {where}.{unknown[0]}; [{where}] takes {', '.join(known)}")
+    missing = [name for name, f in known.items() if name not in table
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{source}: missing key {where}.{missing[0]} (required in [{where}])")
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}", source) for k, v in table.items()})
+
+
+def _require(ok: bool, source: str, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{source}: key {key} {message}")
+
+
+def _validate(cfg: TrainConfig) -> None:
+    s, r = cfg.source, cfg.run
+    _require(r.stage in STAGES, s, "run.stage", f"must be one of {STAGES}, got {r.stage!r}")
+    _require(r.steps >= 1, s, "run.steps", f"must be >= 1, got {r.steps}")
+    _require(r.batch_size >= 1, s, "run.batch_size", f"must be >= 1, got {r.batch_size}")
+    _require(r.precision in PRECISIONS, s, "run.precision", f"must be one of {PRECISIONS}, got {r.precision!r}")
+    _require(cfg.data.num_images >= 1, s, "data.num_images", f"must be >= 1, got {cfg.data.num_images}")
+    for i, b in enumerate(cfg.data.buckets):
+        _require(len(b) == 2 and all(v > 0 and v % 16 == 0 for v in b), s, f"data.buckets[{i}]",
+                 f"must be [height, width], multiples of 16, got {b}")
+    _require(len(cfg.data.buckets) >= 1, s, "data.buckets", "must list at least one bucket")
+
+    presets, cls = (AUTOENCODER_PRESETS, AutoEncoderParams) if cfg.is_vae else (TRANSFORMER_PRESETS, FluxParams)
+    _require(cfg.model.preset in presets, s, "model.preset",
+             f"must be one of {sorted(presets)} for stage {r.stage!r}, got {cfg.model.preset!r}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for k in cfg.model.params:
+        _require(k in fields, s, f"model.params.{k}", f"is not a {cls.__name__} field ({', '.join(sorted(fields))})")
+    try:
+        cfg.model_params()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{s}: [model.params] gives invalid {cls.__name__}: {e}") from e
+    if not cfg.is_vae:
+        _require(bool(cfg.model.autoencoder), s, "model.autoencoder",
+                 f"is required for stage {r.stage!r} (the trained VAE's ae.safetensors)")
+        _require(cfg.export.variant in VARIANTS, s, "export.variant",
+                 f"must be one of {sorted(VARIANTS)} for stage {r.stage!r}, got {cfg.export.variant!r}")
+    allowed = {f.name for f in dataclasses.fields(VariantDefaults)}
+    for k in cfg.export.defaults:
+        _require(k in allowed, s, f"export.defaults.{k}", f"is not a generation default ({', '.join(sorted(allowed))})")
+    _require(cfg.export.dtype in EXPORT_DTYPES, s, "export.dtype", f"must be one of {EXPORT_DTYPES}")
+
+    o = cfg.optim
+    _require(o.lr > 0, s, "optim.lr", f"must be > 0, got {o.lr}")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), s, "optim.betas", "must be two values in [0, 1)")
+    _require(o.schedule in LR_SCHEDULES, s, "optim.schedule", f"must be one of {LR_SCHEDULES}, got {o.schedule!r}")
+    _require(0 <= cfg.ema.decay < 1, s, "ema.decay", f"must be in [0, 1), got {cfg.ema.decay}")
+    for k in ("log_every", "plot_every", "checkpoint_every"):
+        _require(getattr(cfg.log, k) >= 1, s, f"log.{k}", f"must be >= 1, got {getattr(cfg.log, k)}")
+    _require(cfg.log.sample_size % 16 == 0, s, "log.sample_size",
+             f"must be a multiple of 16, got {cfg.log.sample_size}")
+
+    obj = cfg.objective
+    if isinstance(obj, (FlowObjective, GuidanceObjective)):
+        _require(0 <= obj.caption_dropout <= 1, s, "objective.caption_dropout", "must be in [0, 1]")
+        _require(obj.t_std > 0, s, "objective.t_std", f"must be > 0, got {obj.t_std}")
+    if isinstance(obj, GuidanceObjective):
+        _require(0 < obj.guidance_min <= obj.guidance_max, s, "objective.guidance_min",
+                 f"must be in (0, guidance_max], got {obj.guidance_min} > {obj.guidance_max}")
+        _require(cfg.model_params().guidance_embed, s, "model.params.guidance_embed",
+                 "must be true for guidance distillation (the student takes the guidance scale as input)")
+    if isinstance(obj, FewStepObjective):
+        _require(obj.teacher_substeps >= 1, s, "objective.teacher_substeps", "must be >= 1")
+        _require(bool(obj.student_steps) and all(n >= 1 for n in obj.student_steps), s, "objective.student_steps",
+                 f"must list step counts >= 1, got {obj.student_steps}")
+
+
+def parse_config(data: dict, source: str = "<dict>") -> TrainConfig:
+    """A TrainConfig from the TOML document `data` (as tomllib returns it); `source` names it in errors."""
+    sections = {"run": RunConfig, "data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "ema": EMAConfig,
+                "objective": None, "log": LogConfig, "export": ExportConfig}
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section [{unknown[0]}]; sections are {', '.join(sections)}")
+    for required in ("run", "model"):
+        if required not in data:
+            raise ConfigError(f"{source}: missing section [{required}]")
+    run = _parse_table(RunConfig, data["run"], "run", source)
+    if run.stage not in STAGES:
+        raise ConfigError(f"{source}: key run.stage must be one of {STAGES}, got {run.stage!r}")
+    parsed = {name: _parse_table(cls, data.get(name, {}), name, source)
+              for name, cls in sections.items() if cls is not None and name != "run"}
+    objective = _parse_table(OBJECTIVES[run.stage], data.get("objective", {}), "objective", source)
+    cfg = TrainConfig(run=run, objective=objective, source=source, **parsed)
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and check a training recipe (TOML). Relative paths inside it are relative to the working directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"training config {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    return parse_config(data, str(path))

@@ -1,0 +1,89 @@
+"""A finished run as a model folder (BFL-layout safetensors + fluxion.json), and its export for shipping."""
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..checkpoints.io import load_state_dict, read_checkpoint_info, save_state_dict
+from ..devices import DTYPES
+from ..pipeline import VARIANTS
+from ..registry import MANIFEST
+from .config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+TRANSFORMER_FILE = "transformer.safetensors"
+AUTOENCODER_FILE = "ae.safetensors"
+
+
+def _atomic_write(path: Path, write) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; model files are meant to be shared
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def copy_file(src: Path, dst: Path) -> Path:
+    return _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def write_json(data: dict, path: Path) -> Path:
+    return _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def manifest(cfg: TrainConfig) -> dict:
+    """fluxion.json as registry._from_manifest reads it; defaults are the variant's, overridden by the recipe."""
+    defaults = {**VARIANTS[cfg.export.variant].__dict__, **cfg.export.defaults}
+    return {"name": cfg.run.name, "variant": cfg.export.variant, "transformer": TRANSFORMER_FILE,
+            "autoencoder": AUTOENCODER_FILE, "text_encoder": "minilm", "defaults": defaults,
+            "training": {"stage": cfg.run.stage, "steps": cfg.run.steps, "batch_size": cfg.run.batch_size,
+                         "recipe": cfg.source}}
+
+
+def write_manifest(cfg: TrainConfig, folder: Path) -> Path:
+    return write_json(manifest(cfg), folder / MANIFEST)
+
+
+def export_model(src: Path, dst: Path, dtype: str = "bf16") -> Path:
+    """Copy a model folder's safetensors (floating tensors cast to `dtype`, metadata kept) and its manifest."""
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"nothing to export: {src} holds no .safetensors files (has the run finished?)")
+    dst.mkdir(parents=True, exist_ok=True)
+    target = DTYPES[dtype]
+    total = 0
+    for f in files:
+        sd = {k: v.to(target) if v.is_floating_point() else v for k, v in load_state_dict(f).items()}
+        out = save_state_dict(sd, dst / f.name, metadata=read_checkpoint_info(f).metadata)
+        size = out.stat().st_size
+        total += size
+        log.info("exported %s: %d tensors, %.1f MB (%s)", out, len(sd), size / 1e6, dtype)
+    if (src / MANIFEST).is_file():
+        copy_file(src / MANIFEST, dst / MANIFEST)
+    make_readable(dst)
+    log.info("exported %s -> %s: %.1f MB of safetensors", src, dst, total / 1e6)
+    return dst
+
+
+def make_readable(folder: Path) -> None:
+    """save_state_dict writes through a private temp file (0600); model files are meant to be shared."""
+    for f in folder.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o644)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+

@@ -1,0 +1,197 @@
+"""The training loop, one straight line for every stage: config -> data -> model -> optimizer -> loop -> checkpoint
+-> finished model folder (and its export)."""
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..devices import resolve_device
+from ..errors import FluxionError
+from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from .config import ConfigError, OptimConfig, TrainConfig, load_config
+from .ema import EMA
+from .export import copy_file, export_model, make_readable
+from .plots import loss_curve, save_image
+from .stages import STAGES
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = "model"  # the finished model inside the run folder (full precision; loadable by Pipeline)
+METRICS = "metrics.jsonl"
+
+
+class TrainingDiverged(FluxionError, RuntimeError):
+    """The loss or the gradient norm became NaN or infinite; the last checkpoint on disk is the last good state."""
+
+
+def learning_rate(step: int, o: OptimConfig, total_steps: int) -> float:
+    """Linear warm-up over warmup_steps, then constant or cosine decay to min_lr_ratio * lr at the last step."""
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return o.lr
+    progress = (step - o.warmup_steps) / max(1, total_steps - 1 - o.warmup_steps)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+class MetricsLog:
+    """metrics.jsonl, one row per log interval. On resume, rows after the checkpoint's step are dropped: a killed
+    run wrote them after the state it resumes from."""
+
+    def __init__(self, path: Path, keep_until: int):
+        self.path = path
+        self.rows: list[dict] = []
+        if keep_until > 0 and path.is_file():
+            self.rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= keep_until]
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class Window:
+    """Means of the loss (and its parts) and the throughput since the last metrics row."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count, self.start = 0, time.perf_counter()
+
+    def add(self, loss: float, parts: dict) -> None:
+        for k, v in {"loss": loss, **{k: float(v.detach()) for k, v in parts.items()}}.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+
+    def row(self, step: int, batch_size: int, **extra) -> dict:
+        elapsed = time.perf_counter() - self.start
+        row = {"step": step, **{k: v / self.count for k, v in self.sums.items()}, **extra,
+               "steps_per_s": self.count / elapsed, "samples_per_s": self.count * batch_size / elapsed}
+        self.reset()
+        return row
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out |= _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def _warn_changes(saved: dict, current: dict, source: str) -> None:
+    old, new = _flatten(saved), _flatten(json.loads(json.dumps(current)))
+    changed = sorted(k for k in old.keys() | new.keys()
+                     if old.get(k) != new.get(k) and not k.startswith(("log.", "export.")))
+    if changed:
+        log.warning("%s differs from the config the checkpoint was written with, in: %s", source, ", ".join(changed))
+
+
+def _diverged(what: str, value: float, step: int, checkpoint: Path) -> TrainingDiverged:
+    kept = f"the last good checkpoint {checkpoint} is kept" if checkpoint.is_file() else "no checkpoint was written yet"
+    return TrainingDiverged(f"{what} is {value} at step {step}; training stopped without saving, {kept}. "
+                            "Lower optim.lr or tighten optim.grad_clip, then run again to resume from it")
+
+
+def run(config_path: str | Path, *, resume: bool = True, max_steps: int | None = None) -> Path:
+    """Train the stage a recipe describes, resuming from its checkpoint when there is one; stop after `max_steps`
+    (total, not additional) if given. Returns the run folder; a finished run holds the model in run/model/ and,
+    with [export] dir, a copy there."""
+    cfg: TrainConfig = load_config(config_path)
+    out = Path(cfg.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    copy_file(Path(config_path), out / "config.toml")
+    device = resolve_device(cfg.run.device)
+    bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
+
+    # data, model and the frozen parts (VAE, text encoder, teacher) of this stage
+    torch.manual_seed(cfg.run.seed)
+    stage = STAGES[cfg.run.stage](cfg, device)
+    model = stage.model.to(device).train()
+    ema = EMA(model, cfg.ema.decay)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                  weight_decay=o.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.run.seed)  # every random draw of training comes from it
+    log.info("%s: %s stage, %.2fM parameters, %s%s", cfg.run.name, cfg.run.stage,
+             sum(p.numel() for p in model.parameters()) / 1e6, device, " (bf16 autocast)" if bf16 else "")
+
+    step = 0
+    checkpoint = out / CHECKPOINT
+    if resume and checkpoint.is_file():
+        state = load_checkpoint(checkpoint, model=model, ema=ema, optimizer=optimizer, generator=generator)
+        stage.batches.load_state(state.data)
+        step = state.step
+        _warn_changes(state.config, cfg.to_dict(), cfg.source)
+        log.info("resumed from %s at step %d", checkpoint, step)
+    metrics = MetricsLog(out / METRICS, keep_until=step)
+    end = cfg.run.steps if max_steps is None else min(max_steps, cfg.run.steps)
+
+    def save() -> None:
+        save_checkpoint(checkpoint, model=model, ema=ema, optimizer=optimizer, generator=generator, step=step,
+                        data=stage.batches.state(), config=cfg.to_dict())
+
+    bar = tqdm(total=cfg.run.steps, initial=step, desc=cfg.run.name, unit="step", disable=not cfg.log.progress,
+               dynamic_ncols=True)
+    window = Window()
+    while step < end:
+        batch = stage.next_batch()
+        lr = learning_rate(step, o, cfg.run.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, parts = stage.loss(model, batch, generator)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise _diverged("the loss", value, step + 1, checkpoint)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip or math.inf).item()
+        if not math.isfinite(grad_norm):
+            raise _diverged("the gradient norm", grad_norm, step + 1, checkpoint)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(model)
+        step += 1
+
+        bar.update(1)
+        window.add(value, parts)
+        if step % cfg.log.log_every == 0 or step == end:
+            row = window.row(step, cfg.run.batch_size, lr=lr, grad_norm=grad_norm)
+            metrics.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.1f}")
+        if step % cfg.log.checkpoint_every == 0 or step == end:
+            save()
+        if cfg.log.sample_every and step % cfg.log.sample_every == 0:
+            with torch.random.fork_rng(devices=[]):  # sampling must not move the training's random streams
+                save_image(stage.sample_grid(ema.model), out / "samples" / f"step-{step:07d}.png")
+        if step % cfg.log.plot_every == 0 or step == end:
+            loss_curve(metrics.rows, out / "loss.png", title=f"{cfg.run.name} ({cfg.run.stage})")
+    bar.close()
+
+    if step < cfg.run.steps:
+        log.info("stopped at step %d of %d; run the same config again to resume", step, cfg.run.steps)
+        return out
+    folder = out / MODEL_DIR
+    folder.mkdir(exist_ok=True)
+    stage.finish(ema.model, folder)
+    make_readable(folder)
+    log.info("finished: model in %s", folder)
+    if cfg.export.dir:
+        export_model(folder, Path(cfg.export.dir), cfg.export.dtype)
+    return out
+
+
+def export(config_path: str | Path, dest: str | Path | None = None) -> Path:
+    """Copy a finished run's model (cast to export.dtype) to `dest`, by default the recipe's export.dir."""
+    cfg = load_config(config_path)
+    target = dest or cfg.export.dir
+    if not target:
+        raise ConfigError(f"{cfg.source}: no export destination: pass `dest` or set export.dir")
+    return export_model(Path(cfg.run.out_dir) / MODEL_DIR, Path(target), cfg.export.dtype)
