@@ -6,6 +6,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json
 import math
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +28,7 @@ from fluxion.training.stages import init_from
 
 BUCKETS = [[32, 32], [48, 64]]  # (32, 48) trips a layout bug of the shapes world at this size
 TINY_FLUX = {"vec_in_dim": 384, "context_in_dim": 384}  # the "debug" preset (hidden 64) fed by MiniLM
-QUIET_LOG = {"log_every": 1, "plot_every": 2, "sample_every": 0, "checkpoint_every": 2, "sample_size": 32,
+QUIET_LOG = {"log_every": 1, "plot_every": 1000, "sample_every": 0, "checkpoint_every": 2, "sample_size": 32,
              "progress": False}
 
 
@@ -217,6 +220,33 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(root, ae_path, de
     assert checkpoint_state(resumed)[1]["data"]["epoch"] == 1
     rows = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert rows == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_killed_run_resumes_to_the_same_weights(root):
+    def recipe(name, checkpoint_every):
+        sections = vae_recipe(root, name, steps=16)
+        sections["log"]["checkpoint_every"] = checkpoint_every
+        return write_recipe(root / f"{name}.toml", sections)
+
+    def saved_step(run_dir: Path) -> int:
+        path = run_dir / CHECKPOINT
+        return json.loads(read_checkpoint_info(path).metadata[STATE_KEY])["step"] if path.is_file() else 0
+
+    straight = run(recipe("kill-straight", 8))
+    config = recipe("kill", 1)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same threads: same float sums
+    proc = subprocess.Popen([sys.executable, "-c", f"from fluxion.training import run; run({str(config)!r})"],
+                            env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while saved_step(root / "kill") < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        proc.kill()  # SIGKILL: no chance to clean up
+        proc.wait()
+    assert 3 <= saved_step(root / "kill") < 16
+    _assert_same_state(straight, run(config))
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(root, ae_path, monkeypatch):

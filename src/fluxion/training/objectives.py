@@ -21,7 +21,8 @@ def _bcast(t: Tensor, like: Tensor) -> Tensor:
 def vae_loss(x: Tensor, recon: Tensor, mean: Tensor, logvar: Tensor, *, l1_weight: float = 1.0,
              mse_weight: float = 1.0, kl_weight: float = 1e-5) -> tuple[Tensor, dict[str, Tensor]]:
     """Reconstruction (L1 + MSE) plus the KL divergence of N(mean, exp(logvar)) from N(0, 1), all per-element
-    means; returns the total and its parts."""
+    means, computed in float32; returns the total and its parts."""
+    x, recon, mean, logvar = x.float(), recon.float(), mean.float(), logvar.float()
     l1 = (recon - x).abs().mean()
     mse = (recon - x).pow(2).mean()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
