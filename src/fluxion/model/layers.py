@@ -19,9 +19,11 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000, time_fac
 
 
 def rope(pos: Tensor, dim: int, theta: int) -> Tensor:
-    """Rotary angles for one axis: positions (B, L) -> (B, L, dim/2) in float64 for exactness."""
-    omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim)
-    return pos.to(torch.float64)[..., None] * omega
+    """Rotary angles for one axis: positions (B, L) -> (B, L, dim/2) in float64 for exactness (float32 on Apple
+    MPS, which has no float64)."""
+    dtype = torch.float32 if pos.device.type == "mps" else torch.float64
+    omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=dtype, device=pos.device) / dim)
+    return pos.to(dtype)[..., None] * omega
 
 
 class EmbedND(nn.Module):
