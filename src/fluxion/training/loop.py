@@ -141,39 +141,41 @@ def run(config_path: str | Path, *, resume: bool = True, max_steps: int | None =
     bar = tqdm(total=cfg.run.steps, initial=step, desc=cfg.run.name, unit="step", disable=not cfg.log.progress,
                dynamic_ncols=True)
     window = Window()
-    while step < end:
-        batch = stage.next_batch()
-        lr = learning_rate(step, o, cfg.run.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, parts = stage.loss(model, batch, generator)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise _diverged("the loss", value, step + 1, checkpoint)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip or math.inf).item()
-        if not math.isfinite(grad_norm):
-            raise _diverged("the gradient norm", grad_norm, step + 1, checkpoint)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(model)
-        step += 1
+    try:
+        while step < end:
+            batch = stage.next_batch()
+            lr = learning_rate(step, o, cfg.run.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss, parts = stage.loss(model, batch, generator)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise _diverged("the loss", value, step + 1, checkpoint)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip or math.inf).item()
+            if not math.isfinite(grad_norm):
+                raise _diverged("the gradient norm", grad_norm, step + 1, checkpoint)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(model)
+            step += 1
 
-        bar.update(1)
-        window.add(value, parts)
-        if step % cfg.log.log_every == 0 or step == end:
-            row = window.row(step, cfg.run.batch_size, lr=lr, grad_norm=grad_norm)
-            metrics.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.1f}")
-        if step % cfg.log.checkpoint_every == 0 or step == end:
-            save()
-        if cfg.log.sample_every and step % cfg.log.sample_every == 0:
-            with torch.random.fork_rng(devices=[]):  # sampling must not move the training's random streams
-                save_image(stage.sample_grid(ema.model), out / "samples" / f"step-{step:07d}.png")
-        if step % cfg.log.plot_every == 0 or step == end:
-            loss_curve(metrics.rows, out / "loss.png", title=f"{cfg.run.name} ({cfg.run.stage})")
-    bar.close()
+            bar.update(1)
+            window.add(value, parts)
+            if step % cfg.log.log_every == 0 or step == end:
+                row = window.row(step, cfg.run.batch_size, lr=lr, grad_norm=grad_norm)
+                metrics.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.1f}")
+            if step % cfg.log.checkpoint_every == 0 or step == end:
+                save()
+            if cfg.log.sample_every and step % cfg.log.sample_every == 0:
+                with torch.random.fork_rng(devices=[]):  # sampling must not move the training's random streams
+                    save_image(stage.sample_grid(ema.model), out / "samples" / f"step-{step:07d}.png")
+            if step % cfg.log.plot_every == 0 or step == end:
+                loss_curve(metrics.rows, out / "loss.png", title=f"{cfg.run.name} ({cfg.run.stage})")
+    finally:
+        bar.close()
 
     if step < cfg.run.steps:
         log.info("stopped at step %d of %d; run the same config again to resume", step, cfg.run.steps)

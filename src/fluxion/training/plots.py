@@ -48,8 +48,11 @@ def image_grid(images: list[Image.Image], cols: int, pad: int = 2, background=(1
     return grid
 
 
-def smooth(values: list[float], weight: float = 0.9) -> list[float]:
-    """Bias-corrected exponential moving average, as TensorBoard's smoothing."""
+def smooth(values: list[float], weight: float | None = None) -> list[float]:
+    """Bias-corrected exponential moving average, as TensorBoard's smoothing; by default over ~1/30 of the
+    curve, so a short curve is not dragged behind its points."""
+    if weight is None:
+        weight = 1 - 1 / max(1, len(values) // 30)
     out, avg = [], 0.0
     for i, v in enumerate(values):
         avg = weight * avg + (1 - weight) * v
