@@ -2,7 +2,6 @@
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -10,6 +9,7 @@ from PIL import Image, PngImagePlugin
 
 from . import __version__
 from .errors import InputError
+from .files import atomic_write
 
 PNG_KEY = "fluxion"
 
@@ -51,19 +51,9 @@ class GenerationSettings:
 
 def save_png(image: Image.Image, path: str | os.PathLike, settings: GenerationSettings) -> Path:
     """Write a PNG with its settings as JSON in a text chunk, atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_KEY, settings.to_json())
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def read_settings(path: str | os.PathLike) -> GenerationSettings:

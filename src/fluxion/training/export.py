@@ -2,13 +2,12 @@
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from ..checkpoints.io import load_state_dict, read_checkpoint_info, save_state_dict
 from ..devices import DTYPES
+from ..files import atomic_write
 from ..pipeline import VARIANTS
 from ..registry import MANIFEST
 from .config import TrainConfig
@@ -19,28 +18,12 @@ TRANSFORMER_FILE = "transformer.safetensors"
 AUTOENCODER_FILE = "ae.safetensors"
 
 
-def _atomic_write(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; model files are meant to be shared
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def copy_file(src: Path, dst: Path) -> Path:
-    return _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+    return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def write_json(data: dict, path: Path) -> Path:
-    return _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def manifest(cfg: TrainConfig) -> dict:
@@ -72,16 +55,8 @@ def export_model(src: Path, dst: Path, dtype: str = "bf16") -> Path:
         log.info("exported %s: %d tensors, %.1f MB (%s)", out, len(sd), size / 1e6, dtype)
     if (src / MANIFEST).is_file():
         copy_file(src / MANIFEST, dst / MANIFEST)
-    make_readable(dst)
     log.info("exported %s -> %s: %.1f MB of safetensors", src, dst, total / 1e6)
     return dst
-
-
-def make_readable(folder: Path) -> None:
-    """save_state_dict writes through a private temp file (0600); model files are meant to be shared."""
-    for f in folder.iterdir():
-        if f.is_file():
-            os.chmod(f, 0o644)
 
 
 def folder_bytes(folder: Path) -> int:

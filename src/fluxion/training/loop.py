@@ -15,7 +15,7 @@ from ..errors import FluxionError
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import ConfigError, OptimConfig, TrainConfig, load_config
 from .ema import EMA
-from .export import copy_file, export_model, make_readable
+from .export import copy_file, export_model
 from .plots import loss_curve, save_image
 from .stages import STAGES
 
@@ -183,7 +183,6 @@ def run(config_path: str | Path, *, resume: bool = True, max_steps: int | None =
     folder = out / MODEL_DIR
     folder.mkdir(exist_ok=True)
     stage.finish(ema.model, folder)
-    make_readable(folder)
     log.info("finished: model in %s", folder)
     if cfg.export.dir:
         export_model(folder, Path(cfg.export.dir), cfg.export.dtype)

@@ -2,32 +2,17 @@
 
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image
 
+from ..files import atomic_write
+
 log = logging.getLogger(__name__)
 
 
-def _atomic(path: Path, write) -> Path:
-    """Call write(tmp_path), then rename over `path`: readers never see a half-written image."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; these are for people to look at
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_image(image: Image.Image, path: Path) -> Path:
-    return _atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def image_grid(images: list[Image.Image], cols: int, pad: int = 2, background=(128, 128, 128),
@@ -85,4 +70,4 @@ def loss_curve(rows: list[dict], path: Path, title: str = "") -> Path | None:
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    return _atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
