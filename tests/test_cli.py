@@ -145,3 +145,12 @@ def test_eval_writes_results_and_contact_sheets(minilm_model_dir, tmp_path):
     assert set(results["per_tag"]) == {"single_object", "colors"} and results["images"] == 4
     assert 0.0 <= results["overall"] <= 1.0 and "overall" in r.stdout
     assert list(out.glob("contact*.png"))
+
+
+def test_random_stand_in_is_labelled_and_deterministic(tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    r = fluxion("generate", "a red circle", "--model", "random-tiny", "--seed", 1, "--out", a)
+    assert "UNTRAINED" in r.stderr.upper() or "untrained" in r.stderr
+    fluxion("generate", "a red circle", "--model", "random-tiny", "--seed", 1, "--out", b)
+    assert Image.open(a).size == (64, 64)
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))

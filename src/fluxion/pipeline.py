@@ -28,6 +28,8 @@ class VariantDefaults:
     size: int = 1024  # default height and width
 
 
+RANDOM_MODEL = "random-tiny"  # built from a seed, never trained: see Pipeline.random_tiny
+
 VARIANTS = {
     "pro": VariantDefaults(num_inference_steps=28, guidance_scale=None, true_cfg_scale=4.0, shift=True),
     "dev": VariantDefaults(num_inference_steps=28, guidance_scale=3.5, true_cfg_scale=1.0, shift=True),
@@ -79,9 +81,28 @@ class Pipeline:
         self.name = name
 
     @classmethod
+    def random_tiny(cls, *, device=None, dtype=None) -> "Pipeline":
+        """An UNTRAINED miniature model with random weights (fixed seed): shows the machinery runs, draws noise-like
+        images. It stands in for the demo only until trained in-house weights ship."""
+        from .model import AUTOENCODER_PRESETS, TRANSFORMER_PRESETS
+        from .text import load_minilm
+
+        log.warning("model %r is untrained (random weights): its images are not meant to look like anything",
+                    RANDOM_MODEL)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            transformer = Flux(TRANSFORMER_PRESETS["tiny-schnell"])
+            autoencoder = AutoEncoder(AUTOENCODER_PRESETS["tiny"])
+        return cls(transformer, autoencoder, load_minilm(), variant="schnell", name=RANDOM_MODEL,
+                   defaults={"size": 64}, device=device, dtype=dtype)
+
+    @classmethod
     def from_pretrained(cls, name_or_path: str = "tiny-schnell", *, device=None, dtype=None) -> "Pipeline":
         """Load a model from local files: a built-in name, a name under $FLUXION_HOME, or a folder path."""
         from .registry import resolve
+
+        if name_or_path == RANDOM_MODEL:
+            return cls.random_tiny(device=device, dtype=dtype)
         from .checkpoints import load_autoencoder, load_transformer
         from .text import load_text_encoder
 
