@@ -20,8 +20,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; ours are meant to be shared like any file
         write(tmp)
+        # after the write: mkstemp makes 0600 files, and some writers (safetensors) replace the file they are given
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
