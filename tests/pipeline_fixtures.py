@@ -30,8 +30,9 @@ class ToyTextEncoder:
 def random_weights(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if p.ndim == 1 and "scale" in str(p) else 0.0))
+        for name, p in module.named_parameters():
+            # norm scales around 1, as trained models have them; everything else small and centred
+            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if name.endswith(".scale") else 0.0))
     return module
 
 

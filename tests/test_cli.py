@@ -112,7 +112,6 @@ def test_pickles_are_refused(tmp_path):
 @pytest.fixture(scope="module")
 def minilm_model_dir(tmp_path_factory):
     """A random in-house-style model: manifest, BFL files, MiniLM text (384-d)."""
-    import torch
 
     from fluxion.checkpoints import params_metadata, save_state_dict
     from fluxion.model import AUTOENCODER_PRESETS, AutoEncoder, Flux, FluxParams
