@@ -144,6 +144,9 @@ def test_eval_writes_results_and_contact_sheets(minilm_model_dir, tmp_path):
     assert set(results["per_tag"]) == {"single_object", "colors"} and results["images"] == 4
     assert 0.0 <= results["overall"] <= 1.0 and "overall" in r.stdout
     assert list(out.glob("contact*.png"))
+    # the settings the images were made with (the model's defaults filled in), and the time they took
+    assert results["settings"]["num_inference_steps"] == 1 and results["settings"]["model"] == "tiny-random"
+    assert "prompt" not in results["settings"] and results["seconds_per_image"] > 0
 
 
 def test_random_stand_in_is_labelled_and_deterministic(tmp_path):

@@ -246,6 +246,7 @@ def test_run_eval_writes_report(tmp_path):
     results = run_eval(generate, spec_path, 2, tmp_path / "out", seed=10)
     assert calls[0] == ([entries[0]["prompt"]] * 2, [10, 11]) and calls[1][1] == [12, 13]
     assert results["overall"] == 1.0 and [r["seed"] for r in results["records"]][:3] == [10, 11, 12]
+    assert results["settings"] is None and results["seconds_per_image"] >= 0  # arrays carry no settings
     written = json.loads((tmp_path / "out" / "results.json").read_text())
     assert written["per_tag"] == results["per_tag"] and len(written["records"]) == 2 * len(entries)
     for tag in ("colors", "position"):

@@ -177,7 +177,8 @@ def cmd_eval(args) -> None:
 
     results = run_eval(generate, args.spec, args.images_per_prompt, args.out, seed=args.seed)
     print(format_table(results))
-    print(f"report: {args.out}/results.json and contact sheets")
+    print(f"generation: {1000 * results['seconds_per_image']:.1f} ms per image, in batches of "
+          f"{args.images_per_prompt}; report: {args.out}/results.json and contact sheets")
 
 
 def cmd_train(args) -> None:

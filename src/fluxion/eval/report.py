@@ -2,6 +2,7 @@
 
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from tqdm import tqdm
 
 from fluxion.errors import InputError
 from fluxion.eval.score import evaluate, load_spec
+from fluxion.metadata import PNG_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -110,19 +112,27 @@ def format_table(results: dict) -> str:
 def run_eval(generate_fn: Callable[[list[str], list[int]], list[Image.Image]], spec_path: str | Path,
              images_per_prompt: int, out_dir: str | Path, seed: int = 0) -> dict:
     """Generate `images_per_prompt` images for every spec prompt (image j of entry i gets seed
-    `seed + i * images_per_prompt + j`), score them, write the report to `out_dir` and return the results."""
+    `seed + i * images_per_prompt + j`), score them, write the report to `out_dir` and return the results.
+    The results also hold `settings` (the first image's fluxion settings, less prompt and seed, when it carries
+    them) and `seconds_per_image` (generation wall time over all images, in batches of `images_per_prompt`)."""
     if images_per_prompt < 1:
         raise InputError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
     entries = load_spec(spec_path)
     images, seeds = [], []
+    generation_s = 0.0
     for i, entry in enumerate(tqdm(entries, desc="eval", unit="prompt")):
         entry_seeds = [seed + i * images_per_prompt + j for j in range(images_per_prompt)]
+        start = time.perf_counter()
         out = generate_fn([entry["prompt"]] * images_per_prompt, entry_seeds)
+        generation_s += time.perf_counter() - start
         if len(out) != images_per_prompt:
             raise InputError(f"generate_fn returned {len(out)} images for {images_per_prompt} prompts")
         images.append(list(out))
         seeds.append(entry_seeds)
     results = evaluate(entries, images, seeds=seeds)
+    first = images[0][0].info.get(PNG_KEY) if isinstance(images[0][0], Image.Image) else None
+    settings = {k: v for k, v in json.loads(first).items() if k not in ("prompt", "seed")} if first else None
+    results = {"settings": settings, "seconds_per_image": generation_s / results["images"], **results}
     paths = write_report(results, [im for group in images for im in group], out_dir)
     logger.info("eval: overall %.4f over %d images; report in %s", results["overall"], results["images"],
                 paths["results"].parent)
