@@ -318,7 +318,7 @@ def test_transformer_stage_configs_require_their_inputs(tmp_path):
 
 def test_shipped_recipes_parse_and_fit_the_size_budget():
     recipes = Path(__file__).parent.parent / "recipes"
-    for name in ("tiny-vae", "tiny-pro", "tiny-dev", "tiny-schnell"):
+    for name in ("tiny-vae", "tiny-pro-base", "tiny-pro", "tiny-dev", "tiny-schnell"):
         cfg = load_config(recipes / f"{name}.toml")
         assert cfg.run.name == name
         if not cfg.is_vae:
