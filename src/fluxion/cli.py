@@ -7,21 +7,9 @@ import sys
 from pathlib import Path
 
 from .errors import FluxionError
+from .registry import DEFAULT_MODEL
 
 log = logging.getLogger("fluxion")
-DEFAULT_MODEL = "tiny-schnell"
-
-
-def default_model() -> str:
-    """The shipped default; until trained weights are in the package, the labelled untrained stand-in."""
-    from .pipeline import RANDOM_MODEL
-    from .registry import BUILTIN_MODELS
-
-    if (BUILTIN_MODELS / DEFAULT_MODEL).is_dir():
-        return DEFAULT_MODEL
-    log.warning("%s is not in this install yet: using %s, an UNTRAINED random model (its images are noise)",
-                DEFAULT_MODEL, RANDOM_MODEL)
-    return RANDOM_MODEL
 
 
 def _generate_parser(sub) -> None:
@@ -105,7 +93,7 @@ def cmd_generate(args) -> None:
     else:
         seed_list = [seeds[0] + i for i in range(per_prompt * len(s["prompts"]))]
 
-    pipe = Pipeline.from_pretrained(s.get("model") or default_model(), device=s.get("device"), dtype=s.get("dtype"))
+    pipe = Pipeline.from_pretrained(s.get("model") or DEFAULT_MODEL, device=s.get("device"), dtype=s.get("dtype"))
     init = Image.open(s["init_image"]) if s.get("init_image") else None
     mask = Image.open(s["mask"]) if s.get("mask") else None
     images = pipe(

@@ -15,6 +15,7 @@ from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import InputError
 from .metadata import PNG_KEY, GenerationSettings
 from .model import AutoEncoder, Flux
+from .registry import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,8 @@ class Pipeline:
 
     @classmethod
     def random_tiny(cls, *, device=None, dtype=None) -> "Pipeline":
-        """An UNTRAINED miniature model with random weights (fixed seed): shows the machinery runs, draws noise-like
-        images. It stands in for the demo only until trained in-house weights ship."""
+        """An UNTRAINED miniature model with random weights (fixed seed): exercises the whole machinery in tests
+        and quick checks without loading weights; its images are noise-like."""
         from .model import AUTOENCODER_PRESETS, TRANSFORMER_PRESETS
         from .text import load_minilm
 
@@ -97,7 +98,7 @@ class Pipeline:
                    defaults={"size": 64}, device=device, dtype=dtype)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = "tiny-schnell", *, device=None, dtype=None) -> "Pipeline":
+    def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, device=None, dtype=None) -> "Pipeline":
         """Load a model from local files: a built-in name, a name under $FLUXION_HOME, or a folder path."""
         from .registry import resolve
 
