@@ -11,7 +11,7 @@ from fluxion.eval import evaluate
 from fluxion.eval.score import load_spec
 from fluxion.registry import BUILTIN_MODELS, DEFAULT_MODEL
 
-SHIPPED = {"tiny-pro": "pro", "tiny-dev": "dev"}
+SHIPPED = {"tiny-pro": "pro", "tiny-dev": "dev", "tiny-schnell": "schnell"}
 MAX_BYTES = 25_000_000  # the budget per model (transformer + its VAE)
 SPEC = load_spec(Path(__file__).parents[1] / "evals" / "shapes.jsonl")
 EVERY = 8  # a slice of the standard spec: every 8th entry (16 prompts, all tags), its first 2 eval seeds
@@ -36,13 +36,14 @@ def test_default_model_is_shipped():
     assert DEFAULT_MODEL in SHIPPED and (BUILTIN_MODELS / DEFAULT_MODEL).is_dir()
 
 
-# Floors well under each model's score on this slice (tiny-pro 0.42, tiny-dev 0.35 from the README's full-eval
-# results.json): they catch a broken model or pipeline (an untrained model scores ~0), not a small regression.
-@pytest.mark.parametrize("name,floor", [("tiny-pro", 0.3), ("tiny-dev", 0.25)])
-def test_shipped_model_draws_the_prompt(name, floor):
+# Floors well under each model's score on this slice (tiny-pro 0.42, tiny-dev 0.35, tiny-schnell 0.45, from the
+# README's full-eval results.json): they catch a broken model or pipeline (an untrained model scores ~0), not a
+# small regression.
+@pytest.mark.parametrize("name,steps,floor", [("tiny-pro", 20, 0.3), ("tiny-dev", 20, 0.25), ("tiny-schnell", 4, 0.3)])
+def test_shipped_model_draws_the_prompt(name, steps, floor):
     pipe = Pipeline.from_pretrained(name, device="cpu", dtype="fp32")
     indices = range(0, len(SPEC), EVERY)
     # the seeds of `fluxion eval` (entry i, image j -> 4 i + j), so these images are among the README's
-    images = [pipe([SPEC[i]["prompt"]] * 2, num_inference_steps=20, seed=[4 * i, 4 * i + 1]) for i in indices]
+    images = [pipe([SPEC[i]["prompt"]] * 2, num_inference_steps=steps, seed=[4 * i, 4 * i + 1]) for i in indices]
     results = evaluate([SPEC[i] for i in indices], images)
     assert results["overall"] >= floor, (name, results["per_tag"])

@@ -10,7 +10,7 @@ from .errors import ModelNotFoundError
 BUILTIN_MODELS = Path(__file__).parent / "models"
 MANIFEST = "fluxion.json"
 # The shipped model with the best eval score per second of generation (measured in the README).
-DEFAULT_MODEL = "tiny-dev"
+DEFAULT_MODEL = "tiny-schnell"
 T5_DIRS = ("text_encoder_2", "t5")
 CLIP_DIRS = ("text_encoder", "clip")
 
