@@ -15,7 +15,7 @@ from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import InputError
 from .metadata import PNG_KEY, GenerationSettings
 from .model import AutoEncoder, Flux
-from .registry import DEFAULT_MODEL
+from .registry import DEFAULT_MODEL, resolve
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,6 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, device=None, dtype=None) -> "Pipeline":
         """Load a model from local files: a built-in name, a name under $FLUXION_HOME, or a folder path."""
-        from .registry import resolve
-
         if name_or_path == RANDOM_MODEL:
             return cls.random_tiny(device=device, dtype=dtype)
         from .checkpoints import load_autoencoder, load_transformer

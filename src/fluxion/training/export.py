@@ -48,8 +48,14 @@ def export_model(src: Path, dst: Path, dtype: str = "bf16") -> Path:
     target = DTYPES[dtype]
     total = 0
     for f in files:
-        sd = {k: v.to(target) if v.is_floating_point() else v for k, v in load_state_dict(f).items()}
-        out = save_state_dict(sd, dst / f.name, metadata=read_checkpoint_info(f).metadata)
+        sd = load_state_dict(f)
+        if all(v.dtype == target for v in sd.values() if v.is_floating_point()):
+            # nothing to cast: copy the bytes, since re-serialising orders the metadata at random and would give
+            # every export of the same VAE a different file (a new blob in git each time)
+            out = copy_file(f, dst / f.name)
+        else:
+            sd = {k: v.to(target) if v.is_floating_point() else v for k, v in sd.items()}
+            out = save_state_dict(sd, dst / f.name, metadata=read_checkpoint_info(f).metadata)
         size = out.stat().st_size
         total += size
         log.info("exported %s: %d tensors, %.1f MB (%s)", out, len(sd), size / 1e6, dtype)
