@@ -60,6 +60,10 @@ def test_manifest_folder(tmp_path):
     files = resolve(str(tmp_path))
     assert (files.name, files.variant, files.text_encoder, files.defaults) == (
         "tiny-x", "pro", "minilm", {"num_inference_steps": 20})
+    assert files.text_length is None  # manifests before text_length: MiniLM's default of 32 tokens
+    manifest = json.loads((tmp_path / "fluxion.json").read_text()) | {"text_length": 24}
+    (tmp_path / "fluxion.json").write_text(json.dumps(manifest))
+    assert resolve(str(tmp_path)).text_length == 24
 
 
 def test_missing_model_says_where_it_looked(tmp_path, monkeypatch):

@@ -49,6 +49,17 @@ def test_dataset_is_deterministic_per_seed_and_index():
     assert len({a[i][1] for i in range(50)}) > 20
 
 
+def test_p_relation_sets_the_share_of_two_object_relation_scenes():
+    def share(p: float) -> float:
+        ds = ShapesDataset(seed=3, length=400, p_relation=p)
+        return sum(ds.scene(i)[0].relation is not None for i in range(400)) / 400
+
+    assert share(0.0) == 0.0 and share(1.0) == 1.0
+    assert abs(share(0.5) - 0.5) < 0.08 and share(0.4) < share(0.6)
+    with pytest.raises(InputError, match="p_relation"):
+        ShapesDataset(p_relation=1.5)
+
+
 def test_items_have_bucket_shapes_and_range():
     ds = ShapesDataset(seed=0, length=30)
     seen = set()

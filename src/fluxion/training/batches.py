@@ -105,6 +105,7 @@ def cache_key(autoencoder_path: Path, dataset: ShapesDataset, text_encoder) -> s
     h = hashlib.sha256(autoencoder_path.read_bytes())
     h.update(json.dumps({"version": CACHE_VERSION, "data_seed": dataset.seed, "length": len(dataset),
                          "buckets": dataset.buckets, "held_out": dataset.allow_held_out, "shapes": dataset.shapes,
+                         "p_relation": dataset.p_relation,
                          "text": type(text_encoder).__name__, "text_length": text_encoder.max_length,
                          "text_dim": text_encoder.context_dim}, sort_keys=True).encode())
     return h.hexdigest()

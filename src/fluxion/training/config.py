@@ -46,6 +46,8 @@ class DataConfig:
     num_images: int = 1_000_000  # dataset length; transformer stages encode this many images once, into a cache
     buckets: list[list[int]] = field(default_factory=lambda: [list(b) for b in BUCKETS])
     cache_dir: str = ""  # frozen-feature cache (VAE latents, MiniLM states); "" = <out_dir>/cache
+    p_relation: float = 0.4  # share of two-object relation scenes; the rest are 1-4 copies of one object
+    text_length: int = 32  # MiniLM tokens per caption (padded); recorded in the model's manifest for inference
 
 
 @dataclass
@@ -219,6 +221,9 @@ def _validate(cfg: TrainConfig) -> None:
         _require(len(b) == 2 and all(v > 0 and v % 16 == 0 for v in b), s, f"data.buckets[{i}]",
                  f"must be [height, width], multiples of 16, got {b}")
     _require(len(cfg.data.buckets) >= 1, s, "data.buckets", "must list at least one bucket")
+    _require(0.0 <= cfg.data.p_relation <= 1.0, s, "data.p_relation", f"must be in [0, 1], got {cfg.data.p_relation}")
+    _require(3 <= cfg.data.text_length <= 512, s, "data.text_length",
+             f"must be in [3, 512] ([CLS], a token, [SEP]; MiniLM's 512 positions), got {cfg.data.text_length}")
 
     presets, cls = (AUTOENCODER_PRESETS, AutoEncoderParams) if cfg.is_vae else (TRANSFORMER_PRESETS, FluxParams)
     _require(cfg.model.preset in presets, s, "model.preset",

@@ -30,7 +30,8 @@ def manifest(cfg: TrainConfig) -> dict:
     """fluxion.json as registry._from_manifest reads it; defaults are the variant's, overridden by the recipe."""
     defaults = {**VARIANTS[cfg.export.variant].__dict__, **cfg.export.defaults}
     return {"name": cfg.run.name, "variant": cfg.export.variant, "transformer": TRANSFORMER_FILE,
-            "autoencoder": AUTOENCODER_FILE, "text_encoder": "minilm", "defaults": defaults,
+            "autoencoder": AUTOENCODER_FILE, "text_encoder": "minilm", "text_length": cfg.data.text_length,
+            "defaults": defaults,
             "training": {"stage": cfg.run.stage, "steps": cfg.run.steps, "batch_size": cfg.run.batch_size,
                          "recipe": cfg.source}}
 

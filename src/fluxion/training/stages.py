@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def _dataset(cfg: TrainConfig) -> ShapesDataset:
     # held-out pairs and the star stay out of training (ShapesDataset's default)
     return ShapesDataset(seed=cfg.data.seed, length=cfg.data.num_images,
-                         buckets=[tuple(b) for b in cfg.data.buckets])
+                         buckets=[tuple(b) for b in cfg.data.buckets], p_relation=cfg.data.p_relation)
 
 
 def _randn(shape, generator: torch.Generator, like: Tensor) -> Tensor:
@@ -131,7 +131,7 @@ class TransformerStage:
         self.cfg, self.obj, self.device = cfg, cfg.objective, device
         self.autoencoder = load_autoencoder(cfg.model.autoencoder, dtype=torch.float32, device=device)
         self.autoencoder.requires_grad_(False)
-        self.text_encoder = load_minilm(device=device)
+        self.text_encoder = load_minilm(device=device, max_length=cfg.data.text_length)
         self.dataset = _dataset(cfg)
         cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.run.out_dir) / "cache"
         self.features: FeatureCache = load_or_build_feature_cache(
