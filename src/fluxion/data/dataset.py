@@ -8,7 +8,7 @@ from PIL import Image
 
 from fluxion.data.captions import caption
 from fluxion.data.render import render
-from fluxion.data.shapes import BUCKETS, TRAIN_SHAPES, Scene, sample_scene
+from fluxion.data.shapes import BUCKETS, P_RELATION, TRAIN_SHAPES, Scene, sample_scene
 from fluxion.errors import InputError
 
 
@@ -23,7 +23,8 @@ class ShapesDataset:
     come from a generator seeded with (seed, i). Held-out pairs and shapes appear only with `allow_held_out`."""
 
     def __init__(self, seed: int = 0, length: int = 1_000_000, buckets: Sequence[tuple[int, int]] = BUCKETS, *,
-                 allow_held_out: bool = False, shapes: tuple[str, ...] = TRAIN_SHAPES, p_relation: float = 0.4):
+                 allow_held_out: bool = False, shapes: tuple[str, ...] = TRAIN_SHAPES,
+                 p_relation: float = P_RELATION):
         if length < 1 or not buckets:
             raise InputError(f"ShapesDataset needs length >= 1 and at least one bucket, got length={length}, "
                              f"buckets={buckets}")

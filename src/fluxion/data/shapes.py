@@ -25,6 +25,7 @@ SIZES: tuple[str, ...] = ("small", "large")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 INVERSE_RELATION: dict[str, str] = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 MAX_COUNT = 4
+P_RELATION = 0.4  # default share of two-object relation scenes; the rest are 1-4 copies of one object
 
 # Kept out of every training scene: the model must compose these from parts it has seen (held-out pairs)
 # or learn them later from a LoRA (the star).
@@ -188,7 +189,7 @@ def relation_scene(rng: np.random.Generator, bucket: tuple[int, int], a: tuple[s
 
 
 def sample_scene(rng: np.random.Generator, bucket: tuple[int, int], *, allow_held_out: bool = False,
-                 shapes: tuple[str, ...] = TRAIN_SHAPES, p_relation: float = 0.4) -> Scene:
+                 shapes: tuple[str, ...] = TRAIN_SHAPES, p_relation: float = P_RELATION) -> Scene:
     """A random scene for `bucket` (height, width). Without `allow_held_out`, never a held-out pair or shape."""
     if not allow_held_out and any(s in HELD_OUT_SHAPES for s in shapes):
         raise InputError(f"shapes {shapes} include held-out shapes {sorted(HELD_OUT_SHAPES)}; "

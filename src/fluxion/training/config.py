@@ -7,7 +7,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.shapes import BUCKETS
+from ..data.shapes import BUCKETS, P_RELATION
 from ..errors import InputError
 from ..model.configs import AUTOENCODER_PRESETS, TRANSFORMER_PRESETS, AutoEncoderParams, FluxParams
 from ..pipeline import VARIANTS, VariantDefaults
@@ -46,7 +46,7 @@ class DataConfig:
     num_images: int = 1_000_000  # dataset length; transformer stages encode this many images once, into a cache
     buckets: list[list[int]] = field(default_factory=lambda: [list(b) for b in BUCKETS])
     cache_dir: str = ""  # frozen-feature cache (VAE latents, MiniLM states); "" = <out_dir>/cache
-    p_relation: float = 0.4  # share of two-object relation scenes; the rest are 1-4 copies of one object
+    p_relation: float = P_RELATION  # share of two-object relation scenes; the rest are 1-4 copies of one object
     text_length: int = 32  # MiniLM tokens per caption (padded); recorded in the model's manifest for inference
 
 
