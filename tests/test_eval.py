@@ -1,6 +1,7 @@
 """Tests for the GenEval-style evaluator: spec, detector on world renders, scoring rules, reports, run_eval."""
 
 import copy
+import dataclasses
 import importlib.util
 import json
 from collections import deque
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFilter
 
 from fluxion.data import (
@@ -35,6 +37,7 @@ from fluxion.eval import (
     write_report,
 )
 from fluxion.eval.detect import label_components
+from fluxion.model import TRANSFORMER_PRESETS, Flux
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "evals" / "shapes.jsonl"
@@ -47,10 +50,16 @@ def _world_images(entry, n, seed, render_entry=None):
             for j in range(n)]
 
 
+def _script(name: str):
+    """A script of evals/ imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "evals" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_spec_is_generated_deterministically_and_covers_all_tags():
-    spec = importlib.util.spec_from_file_location("make_spec", ROOT / "evals" / "make_spec.py")
-    make_spec = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_spec)
+    make_spec = _script("make_spec")
     assert make_spec.build_spec() == SPEC_ENTRIES == make_spec.build_spec()
     assert len(SPEC_ENTRIES) >= 100 and {e["tag"] for e in SPEC_ENTRIES} == set(TAGS)
     assert len({e["prompt"] for e in SPEC_ENTRIES}) == len(SPEC_ENTRIES)
@@ -279,3 +288,17 @@ def test_load_spec_errors(tmp_path):
     bad.write_text('{"tag": "colors", "prompt": "x"}\n')
     with pytest.raises(InputError, match="bad.jsonl:1"):
         load_spec(bad)
+
+
+@pytest.mark.parametrize("guidance_embed", [False, True])
+def test_heldout_loss_of_a_zero_velocity_is_the_target_power(guidance_embed):
+    # A freshly initialised transformer (adaLN-Zero) predicts v = 0, so its loss at every t is E|eps - x0|^2.
+    params = dataclasses.replace(TRANSFORMER_PRESETS["debug"], guidance_embed=guidance_embed)
+    model = Flux(params).initialize_weights()
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 16, 64, generator=g), torch.randn(3, 16, 64, generator=g)
+    txt, vec = torch.randn(3, 5, params.context_in_dim, generator=g), torch.randn(3, params.vec_in_dim, generator=g)
+    heldout = _script("heldout_loss")
+    losses = heldout.heldout_loss(model, x0, noise, txt, vec)
+    assert list(losses) == list(heldout.TIMES)
+    assert losses == pytest.approx({t: float((noise - x0).pow(2).mean()) for t in heldout.TIMES}, rel=1e-6)

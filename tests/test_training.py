@@ -326,10 +326,13 @@ def test_transformer_stage_configs_require_their_inputs(tmp_path):
 
 def test_shipped_recipes_parse_and_fit_the_size_budget():
     recipes = Path(__file__).parent.parent / "recipes"
-    for name in ("tiny-vae", "tiny-pro-base", "tiny-pro-warm", "tiny-pro", "tiny-pro-cycle4", "tiny-dev",
-                 "tiny-schnell"):
-        cfg = load_config(recipes / f"{name}.toml")
-        assert cfg.run.name == name
+    names = ("tiny-vae", "tiny-pro-base", "tiny-pro-warm", "tiny-pro-cycle3", "tiny-pro", "tiny-pro-cycle4",
+             "tiny-dev", "tiny-schnell")
+    experiments = sorted((recipes / "experiments").glob("*.toml"))
+    assert experiments
+    for path in [recipes / f"{name}.toml" for name in names] + experiments:
+        cfg = load_config(path)
+        assert cfg.run.name == path.stem or path in experiments
         if not cfg.is_vae:
             params = sum(p.numel() for p in Flux(cfg.model_params()).parameters())
             assert params * 2 <= 25e6 - 6.5e6  # bf16 transformer beside the bf16 tiny VAE (3.0M parameters)
