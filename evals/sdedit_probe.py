@@ -52,7 +52,8 @@ def main() -> None:
                                  negative=negative if cfg != 1.0 else None, true_cfg_scale=cfg)
             images = tensor_to_images(pipe.autoencoder.decode(sampling.unpack(x, SIZE // 8, SIZE // 8)))
         results = evaluate(entries, [images[i * k:(i + 1) * k] for i in range(len(entries))])
-        print(f"t0 = {t0} ({len(times) - 1} steps, CFG {cfg}, guidance {guidance}):\n{format_table(results)}\n", flush=True)
+        print(f"t0 = {t0} ({len(times) - 1} steps, CFG {cfg}, guidance {guidance}):\n{format_table(results)}\n",
+              flush=True)
 
 
 if __name__ == "__main__":
