@@ -16,6 +16,7 @@ import torch
 
 from fluxion.checkpoints import load_autoencoder, load_state_dict, load_transformer, read_checkpoint_info
 from fluxion.data import ShapesDataset, collate
+from fluxion.errors import CheckpointError
 from fluxion.model import Flux, FluxParams
 from fluxion.pipeline import Pipeline
 from fluxion.registry import resolve
@@ -433,6 +434,16 @@ def test_fewstep_student_starts_equal_to_dev_at_the_folded_guidance():
     assert not torch.allclose(_forward(student), _forward(dev, 1.0), atol=1e-3)
     with pytest.raises(ConfigError, match="init_guidance"):
         init_from(Flux(FluxParams(**{**_DEBUG, "guidance_embed": False})), dev)
+
+
+def test_a_deeper_model_grows_from_its_source_and_starts_equal_to_it():
+    source = _debug(False, 0)
+    grown = init_from(Flux(FluxParams(**{**_DEBUG, "guidance_embed": False, "depth": 2,
+                                         "depth_single_blocks": 2})).initialize_weights(), source)
+    assert torch.allclose(_forward(grown), _forward(source), atol=1e-6)
+    assert torch.equal(grown.double_blocks[0].img_attn.qkv.weight, source.double_blocks[0].img_attn.qkv.weight)
+    with pytest.raises(CheckpointError, match="unexpected key"):  # shrinking would drop trained blocks
+        init_from(Flux(FluxParams(**{**_DEBUG, "guidance_embed": False})), grown)
 
 
 # -- plumbing -------------------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ class DataConfig:
 class ModelConfig:
     preset: str  # TRANSFORMER_PRESETS or (stage "vae") AUTOENCODER_PRESETS
     params: dict = field(default_factory=dict)  # overrides of the preset's fields
-    init_from: str = ""  # weights to start from (a teacher or an earlier stage); "" = from scratch
+    init_from: str = ""  # weights to start from (a teacher or an earlier stage; deeper models grow); "" = scratch
     init_guidance: float = 0.0  # init_from embeds guidance, this model not: fold guidance_in(g) into a bias
     autoencoder: str = ""  # the frozen trained VAE (transformer stages)
 
