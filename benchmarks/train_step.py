@@ -1,7 +1,8 @@
 """Training throughput of a recipe's transformer on this machine, in fp32 and under bf16 autocast.
 
-One step = forward + flow-matching loss + backward + AdamW update, at the recipe's batch size and text length, on
-a 64x64 image (16 packed tokens), with random inputs: the rate the recipe's `run.precision` choice buys. bf16 pays
+One step = forward + an MSE loss (costs what the flow-matching one does) + backward + AdamW update, at the
+recipe's batch size and text length, on a 64x64 image (16 packed tokens), with random inputs: the rate the recipe's
+`run.precision` choice buys. bf16 pays
 only on CPUs with bf16 instructions (AVX512-BF16, AMX); elsewhere it is several times slower than fp32.
 
     python benchmarks/train_step.py recipes/experiments/tiny-pro-cycle8.toml --threads 2

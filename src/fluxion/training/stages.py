@@ -106,12 +106,12 @@ def init_from(model: Flux, source: Flux, fold_guidance: float = 0.0, source_name
     A model deeper than its source grows: the blocks past the source's depth keep `model`'s own weights, which
     from `initialize_weights` (adaLN-Zero) make each new block the identity, so the grown model starts equal to
     its source."""
-    sd = dict(source.state_dict())
+    sd, own = dict(source.state_dict()), model.state_dict()
     for blocks, ours, theirs in (("double_blocks", model.params.depth, source.params.depth),
                                  ("single_blocks", model.params.depth_single_blocks,
                                   source.params.depth_single_blocks)):
         new_blocks = tuple(f"{blocks}.{i}." for i in range(theirs, ours))  # () when not deeper: matches nothing
-        sd |= {k: v for k, v in model.state_dict().items() if k.startswith(new_blocks)}
+        sd |= {k: v for k, v in own.items() if k.startswith(new_blocks)}
     if source.params.guidance_embed and not model.params.guidance_embed:
         if fold_guidance <= 0:
             raise ConfigError(f"{source_name} embeds guidance and this model does not: set model.init_guidance "
