@@ -2,8 +2,8 @@
 
 One step = forward + an MSE loss (costs what the flow-matching one does) + backward + AdamW update, at the
 recipe's batch size and text length, on a 64x64 image (16 packed tokens), with random inputs: the rate the recipe's
-`run.precision` choice buys. bf16 pays
-only on CPUs with bf16 instructions (AVX512-BF16, AMX); elsewhere it is several times slower than fp32.
+`run.precision` choice buys. bf16 pays only on CPUs with bf16 instructions (AVX512-BF16, AMX); elsewhere it is
+several times slower than fp32.
 
     python benchmarks/train_step.py recipes/experiments/tiny-pro-cycle8.toml --threads 2
 """
