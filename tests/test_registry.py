@@ -64,6 +64,9 @@ def test_manifest_folder(tmp_path):
     manifest = json.loads((tmp_path / "fluxion.json").read_text()) | {"text_length": 24}
     (tmp_path / "fluxion.json").write_text(json.dumps(manifest))
     assert resolve(str(tmp_path)).text_length == 24
+    assert not files.text_positions  # manifests before text_positions: FLUX's text ids, all at 0
+    (tmp_path / "fluxion.json").write_text(json.dumps(manifest | {"text_positions": True}))
+    assert resolve(str(tmp_path)).text_positions
 
 
 def test_missing_model_says_where_it_looked(tmp_path, monkeypatch):

@@ -1,10 +1,12 @@
-"""Sampling pieces: schedule vs diffusers' scheduler, packing vs diffusers, seeded noise."""
+"""Sampling pieces: schedule vs diffusers' scheduler, packing vs diffusers, position ids, seeded noise."""
 
 import numpy as np
 import pytest
 import torch
 
 from fluxion import sampling
+from fluxion.model import TRANSFORMER_PRESETS, Flux
+from pipeline_fixtures import random_weights
 
 
 @pytest.mark.parametrize("steps,seq_len", [(1, 16), (4, 256), (20, 1024), (28, 4096), (50, 6000)])
@@ -55,6 +57,31 @@ def test_image_ids_match_diffusers():
     theirs = FluxPipeline._prepare_latent_image_ids(3, 4, 6, "cpu", torch.float32)
     assert ours.shape == (3, 24, 3)
     assert torch.equal(ours[1], theirs)
+
+
+def test_text_ids_number_the_tokens_on_axis_0_only_when_asked():
+    assert torch.equal(sampling.text_ids(2, 5), torch.zeros(2, 5, 3))  # FLUX: every text token at 0
+    numbered = sampling.text_ids(2, 5, numbered=True)
+    assert torch.equal(numbered[..., 0], torch.arange(5.0).expand(2, 5))
+    assert not numbered[..., 1:].any()  # image tokens keep axis 0 at 0: rows and columns stay theirs
+
+
+def test_the_transformer_sees_word_order_only_through_numbered_text_ids():
+    """With all text tokens at one position, attention reads the text as a set: reversing the tokens changes
+    nothing. Numbered, the same weights give another velocity."""
+    model = random_weights(Flux(TRANSFORMER_PRESETS["debug"]), seed=5).eval()
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(1, 16, 64, generator=g), torch.randn(1, 6, 32, generator=g)
+    vec, t, guidance = torch.randn(1, 32, generator=g), torch.tensor([0.7]), torch.tensor([3.5])
+    reversed_txt = txt.flip(1)
+
+    def velocity(text, numbered):
+        return model(img, sampling.image_ids(1, 8, 8), text, sampling.text_ids(1, 6, numbered=numbered), t, vec,
+                     guidance=guidance)
+
+    with torch.no_grad():
+        torch.testing.assert_close(velocity(reversed_txt, False), velocity(txt, False), rtol=1e-5, atol=1e-6)
+        assert (velocity(reversed_txt, True) - velocity(txt, True)).abs().max() > 1e-3
 
 
 def test_noise_is_per_seed_and_batch_independent():

@@ -77,8 +77,9 @@ def flux_recipe(root: Path, ae: Path, name: str, stage: str, variant: str, steps
         "run": {"name": name, "stage": stage, "out_dir": str(root / name), "steps": steps, "batch_size": 4, **run},
         # 24 MiniLM tokens, not the default 32: the length must reach the manifest and the pipeline
         "data": {"num_images": 24, "buckets": BUCKETS, "cache_dir": str(root / "cache"), "text_length": 24},
+        # captions' tokens numbered in RoPE, as the in-house family reads them: the flag must reach the manifest
         "model": {"preset": "debug", "params": {**TINY_FLUX, "guidance_embed": guidance}, "autoencoder": str(ae),
-                  **(model or {})},
+                  "text_positions": True, **(model or {})},
         "optim": {"lr": 1e-3, "warmup_steps": 1},
         "objective": objective or {},
         "log": {**QUIET_LOG, "sample_prompts": ["a red circle", "two blue squares"], "sample_seeds": [0]},
@@ -151,6 +152,7 @@ def test_flow_stage_ships_a_loadable_pro_model(pro_run, root):
     model = pro_run / "model"
     manifest = json.loads((model / "fluxion.json").read_text())
     assert manifest["variant"] == "pro" and manifest["text_encoder"] == "minilm" and manifest["text_length"] == 24
+    assert manifest["text_positions"] is True
     assert manifest["defaults"]["num_inference_steps"] == 2 and manifest["defaults"]["true_cfg_scale"] == 4.0
     transformer = load_transformer(model / "transformer.safetensors")
     assert transformer.params == load_config(root / "pro.toml").model_params()
@@ -172,6 +174,7 @@ def test_flow_stage_ships_a_loadable_pro_model(pro_run, root):
     pipe = Pipeline.from_pretrained(str(exported))
     assert (pipe.variant, pipe.defaults.num_inference_steps, pipe.defaults.size) == ("pro", 2, 32)
     assert pipe.text_encoder.max_length == 24  # prompts padded as the captions it was trained on
+    assert pipe.text_positions and pipe.encode_prompt(["a red circle"]).txt_ids[0, :, 0].tolist() == list(range(24))
     assert pipe("a red circle", seed=0)[0].size == (32, 32)
 
 

@@ -66,7 +66,8 @@ class Pipeline:
     """A FLUX model with its autoencoder and text encoder, ready to generate images."""
 
     def __init__(self, transformer: Flux, autoencoder: AutoEncoder, text_encoder, *, variant: str | None = None,
-                 name: str = "custom", defaults: dict | None = None, device=None, dtype=None):
+                 name: str = "custom", defaults: dict | None = None, text_positions: bool = False, device=None,
+                 dtype=None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.transformer = transformer.to(self.device, self.dtype).eval()
@@ -80,6 +81,7 @@ class Pipeline:
         if defaults:
             self.defaults = VariantDefaults(**{**self.defaults.__dict__, **defaults})
         self.name = name
+        self.text_positions = text_positions  # number the prompt's tokens in RoPE (sampling.text_ids)
 
     @classmethod
     def random_tiny(cls, *, device=None, dtype=None) -> "Pipeline":
@@ -113,13 +115,14 @@ class Pipeline:
         variant = files.variant or ("dev" if transformer.params.guidance_embed else "schnell")
         text_encoder = load_text_encoder(files, variant=variant, dtype=dtype, device=device)
         return cls(transformer, autoencoder, text_encoder, variant=variant, name=files.name,
-                   defaults=files.defaults, device=device, dtype=dtype)
+                   defaults=files.defaults, text_positions=files.text_positions, device=device, dtype=dtype)
 
     # -- pieces, usable one by one ------------------------------------------------------------------------------
     @torch.inference_mode()
     def encode_prompt(self, prompts: list[str]) -> sampling.Conditioning:
         txt, vec = self.text_encoder.encode(prompts)
-        return sampling.Conditioning.from_encoded(txt.to(self.device, self.dtype), vec.to(self.device, self.dtype))
+        return sampling.Conditioning.from_encoded(txt.to(self.device, self.dtype), vec.to(self.device, self.dtype),
+                                                  numbered=self.text_positions)
 
     @torch.inference_mode()
     def encode_image(self, image: Image.Image, height: int, width: int) -> Tensor:

@@ -30,6 +30,7 @@ class ModelFiles:
     autoencoder: Path
     text_encoder: str  # "minilm" or "t5+clip"
     text_length: int | None = None  # MiniLM tokens per prompt (fluxion manifests); None: the encoder's default
+    text_positions: bool = False  # text tokens numbered in RoPE (fluxion manifests; FLUX itself: all at 0)
     t5: Path | None = None
     t5_tokenizer: Path | None = None
     clip: Path | None = None
@@ -89,8 +90,8 @@ def _from_manifest(root: Path, name: str) -> ModelFiles:
         name=m.get("name", name), root=root, layout="fluxion",
         transformer=_require(root / m["transformer"], "transformer weights"),
         autoencoder=_require(root / m["autoencoder"], "autoencoder weights"),
-        text_encoder=m.get("text_encoder", "minilm"), text_length=m.get("text_length"), variant=m.get("variant"),
-        defaults=m.get("defaults", {}),
+        text_encoder=m.get("text_encoder", "minilm"), text_length=m.get("text_length"),
+        text_positions=bool(m.get("text_positions", False)), variant=m.get("variant"), defaults=m.get("defaults", {}),
     )
     if files.text_encoder == "t5+clip":
         _add_t5_clip(files, root)

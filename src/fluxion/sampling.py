@@ -46,9 +46,15 @@ def image_ids(batch: int, latent_height: int, latent_width: int, device=None) ->
     return ids.reshape(1, h * w, 3).expand(batch, -1, -1)
 
 
-def text_ids(batch: int, length: int, device=None) -> Tensor:
-    """Text tokens all sit at position 0 on every axis, so RoPE leaves them unrotated."""
-    return torch.zeros(batch, length, 3, device=device)
+def text_ids(batch: int, length: int, device=None, numbered: bool = False) -> Tensor:
+    """Position ids of text tokens (B, length, 3). FLUX puts them all at 0, so RoPE leaves them unrotated: word
+    order must come from the encoder's states, as T5's carry it. `numbered` puts token k at k on axis 0, which
+    image tokens leave at 0: the in-house models read MiniLM states, whose last layer keeps little of which word
+    came where, and attention then sees the words' order."""
+    ids = torch.zeros(batch, length, 3, device=device)
+    if numbered:
+        ids[..., 0] = torch.arange(length, device=device)
+    return ids
 
 
 def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
@@ -84,8 +90,8 @@ class Conditioning:
     vec: Tensor
 
     @classmethod
-    def from_encoded(cls, txt: Tensor, vec: Tensor) -> "Conditioning":
-        return cls(txt, text_ids(txt.shape[0], txt.shape[1], txt.device), vec)
+    def from_encoded(cls, txt: Tensor, vec: Tensor, numbered: bool = False) -> "Conditioning":
+        return cls(txt, text_ids(txt.shape[0], txt.shape[1], txt.device, numbered), vec)
 
 
 @dataclass

@@ -57,6 +57,9 @@ class ModelConfig:
     init_from: str = ""  # weights to start from (a teacher or an earlier stage; deeper models grow); "" = scratch
     init_guidance: float = 0.0  # init_from embeds guidance, this model not: fold guidance_in(g) into a bias
     autoencoder: str = ""  # the frozen trained VAE (transformer stages)
+    # Number the caption's tokens in RoPE (sampling.text_ids): word order for a model reading MiniLM's states.
+    # A teacher (guidance, few_step stages) reads the captions the same way as its student.
+    text_positions: bool = False
 
 
 @dataclass

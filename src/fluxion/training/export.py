@@ -31,7 +31,7 @@ def manifest(cfg: TrainConfig) -> dict:
     defaults = {**VARIANTS[cfg.export.variant].__dict__, **cfg.export.defaults}
     return {"name": cfg.run.name, "variant": cfg.export.variant, "transformer": TRANSFORMER_FILE,
             "autoencoder": AUTOENCODER_FILE, "text_encoder": "minilm", "text_length": cfg.data.text_length,
-            "defaults": defaults,
+            "text_positions": cfg.model.text_positions, "defaults": defaults,
             "training": {"stage": cfg.run.stage, "steps": cfg.run.steps, "batch_size": cfg.run.batch_size,
                          "recipe": cfg.source}}
 

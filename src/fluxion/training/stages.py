@@ -157,7 +157,8 @@ class TransformerStage:
         latents, txt, vec = self.features.batch(next(self.batches))
         B, _, h, w = latents.shape
         d = self.device
-        return LatentBatch(pack(latents).to(d), image_ids(B, h, w, d), txt.to(d), text_ids(B, txt.shape[1], d),
+        return LatentBatch(pack(latents).to(d), image_ids(B, h, w, d), txt.to(d),
+                           text_ids(B, txt.shape[1], d, numbered=self.cfg.model.text_positions),
                            vec.to(d))
 
     def drop_captions(self, b: LatentBatch, p: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -189,8 +190,8 @@ class TransformerStage:
 
         lc = self.cfg.log
         pipe = Pipeline(model, self.autoencoder, self.text_encoder, variant=self.cfg.export.variant,
-                        name=self.cfg.run.name, defaults=self.cfg.export.defaults, device=self.device,
-                        dtype=torch.float32)
+                        name=self.cfg.run.name, defaults=self.cfg.export.defaults,
+                        text_positions=self.cfg.model.text_positions, device=self.device, dtype=torch.float32)
         prompts = [p for p in lc.sample_prompts for _ in lc.sample_seeds]
         seeds = [s for _ in lc.sample_prompts for s in lc.sample_seeds]
         images = pipe(prompts, seed=seeds, height=lc.sample_size, width=lc.sample_size)
