@@ -4,8 +4,8 @@
 - held: of the generated images showing both colours, the share where red sits on the named side of blue
   (0.5 is chance);
 - mean x0: the x0 the model predicts from pure noise (t = 1), decoded, as the red-minus-blue centroid offset in
-  pixels over N noise draws. A model that knows the direction moves red left for
-  "left of" and right for "right of"; one that reads the caption as a bag of words gives both the same offset.
+  pixels over N noise draws. A model that knows the direction moves red left for "left of" and right for
+  "right of"; one that reads the caption as a bag of words gives both the same offset.
 
 It first prints how much word order the text states carry: the cosine between a word's state as the subject of
 "left of" and as its object ("a red circle left of a blue square" vs "a blue square left of a red circle"); and how

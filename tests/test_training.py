@@ -77,7 +77,7 @@ def flux_recipe(root: Path, ae: Path, name: str, stage: str, variant: str, steps
         "run": {"name": name, "stage": stage, "out_dir": str(root / name), "steps": steps, "batch_size": 4, **run},
         # 24 MiniLM tokens, not the default 32: the length must reach the manifest and the pipeline
         "data": {"num_images": 24, "buckets": BUCKETS, "cache_dir": str(root / "cache"), "text_length": 24},
-        # captions' tokens numbered in RoPE, as the in-house family reads them: the flag must reach the manifest
+        # captions' tokens numbered in RoPE (off by default): the flag must reach the batches, manifest and pipeline
         "model": {"preset": "debug", "params": {**TINY_FLUX, "guidance_embed": guidance}, "autoencoder": str(ae),
                   "text_positions": True, **(model or {})},
         "optim": {"lr": 1e-3, "warmup_steps": 1},
@@ -477,6 +477,16 @@ def test_feature_cache_holds_the_vae_latents_and_minilm_states(root, pro_run, ae
             assert torch.allclose(latents, ae.encode(image[None]), atol=1e-5)
         ref_txt, ref_vec = text.encode([caption])
         assert torch.allclose(txt, ref_txt, atol=1e-5) and torch.allclose(vec, ref_vec, atol=1e-5)
+
+
+def test_training_batches_number_the_caption_tokens_as_configured(root, pro_run):
+    from fluxion.training.stages import FlowStage
+
+    cfg = load_config(root / "pro.toml")
+    batch = FlowStage(cfg, torch.device("cpu")).next_batch()
+    assert batch.txt_ids[..., 0].tolist() == [list(range(24))] * len(batch) and not batch.txt_ids[..., 1:].any()
+    cfg.model.text_positions = False
+    assert not FlowStage(cfg, torch.device("cpu")).next_batch().txt_ids.any()
 
 
 def test_ema_follows_the_model_with_a_ramped_decay():
