@@ -16,6 +16,7 @@ from fluxion.data import (
     BUCKETS,
     COLORS,
     INVERSE_RELATION,
+    PALETTE,
     caption_styles,
     describe,
     group_scene,
@@ -302,3 +303,21 @@ def test_heldout_loss_of_a_zero_velocity_is_the_target_power(guidance_embed):
     losses = heldout.heldout_loss(model, x0, noise, txt, vec)
     assert list(losses) == list(heldout.TIMES)
     assert losses == pytest.approx({t: float((noise - x0).pow(2).mean()) for t in heldout.TIMES}, rel=1e-6)
+
+
+@pytest.mark.parametrize("relation", ["left of", "right of"])
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_relation_learnability_scenes_captions_and_halves_agree(relation, mirrored):
+    # The layout version of a scene must put each object's colour on the side its caption says.
+    learn = _script("relation_learnability")
+    scene, caption = learn.scene_and_caption(np.random.default_rng(3), "red", "blue", relation, mirrored, "white",
+                                            "large")
+    red, blue = (next(o for o in scene.objects if o.color == c) for c in ("red", "blue"))
+    expected = (f"a blue {blue.shape} {INVERSE_RELATION[relation]} a red {red.shape}" if mirrored
+                else f"a red {red.shape} {relation} a blue {blue.shape}")
+    assert caption.endswith(expected) and scene.background == "white" and {red.size, blue.size} == {"large"}
+    red_left = relation == "left of"
+    assert (red.center[0] < blue.center[0]) == red_left
+    image = ((learn.halves(scene) + 1) * 127.5).round().permute(1, 2, 0).numpy()
+    left, right = (PALETTE["red"], PALETTE["blue"]) if red_left else (PALETTE["blue"], PALETTE["red"])
+    assert (image[:, :32] == left).all() and (image[:, 32:] == right).all()

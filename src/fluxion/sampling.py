@@ -49,8 +49,8 @@ def image_ids(batch: int, latent_height: int, latent_width: int, device=None) ->
 def text_ids(batch: int, length: int, device=None, numbered: bool = False) -> Tensor:
     """Position ids of text tokens (B, length, 3). FLUX puts them all at 0, so RoPE leaves them unrotated: word
     order must come from the encoder's states, as T5's carry it. `numbered` puts token k at k on axis 0, which
-    image tokens leave at 0: the in-house models read MiniLM states, whose last layer keeps little of which word
-    came where, and attention then sees the words' order."""
+    image tokens leave at 0, so attention also sees the words' order directly (an option of the in-house models,
+    whose MiniLM states differ little between a word as subject and as object)."""
     ids = torch.zeros(batch, length, 3, device=device)
     if numbered:
         ids[..., 0] = torch.arange(length, device=device)
