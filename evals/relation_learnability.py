@@ -91,6 +91,8 @@ class Task:
             world = float((mean["left of"] - mean["right of"]).flatten() @ direction.flatten())
             txt, vec = encoder.encode([f"a {a} circle left of a {b} square", f"a {a} circle right of a {b} square"])
             self.probe.append((txt, vec, direction, world))
+        # How far the world's own images move along the ideal direction, against the halves (1 by construction).
+        self.signal = float(np.mean([world / float(d.flatten() @ d.flatten()) for _, _, d, world in self.probe]))
 
     @torch.no_grad()
     def direction_share(self, model: Flux, numbered: bool = False, noises: int = 32) -> float:
@@ -177,7 +179,8 @@ def main() -> None:
                   args.seed, show=False)
         train(model, numbered, tasks[version], args.steps, args.batch, args.lr, args.every, args.seed)
         after = f", after {args.halves_first} steps of halves" if version == "renders" and args.halves_first else ""
-        print(f"   ({time.perf_counter() - start:.0f} s{after})", flush=True)
+        print(f"   ({time.perf_counter() - start:.0f} s{after}; the world's images move {tasks[version].signal:.2f} "
+              "as far as halves)", flush=True)
 
 
 if __name__ == "__main__":
