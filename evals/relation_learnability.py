@@ -22,12 +22,13 @@ import time
 
 import numpy as np
 import torch
+from PIL import Image
 
 from fluxion.checkpoints import load_autoencoder, load_transformer
 from fluxion.data.captions import CaptionStyle, describe
 from fluxion.data.dataset import to_tensor
 from fluxion.data.render import render
-from fluxion.data.shapes import COLORS, PALETTE, TRAIN_SHAPES, relation_scene
+from fluxion.data.shapes import COLORS, PALETTE, SIZES, TRAIN_SHAPES, relation_scene
 from fluxion.model import Flux
 from fluxion.model.configs import TRANSFORMER_PRESETS
 from fluxion.registry import resolve
@@ -43,13 +44,13 @@ def halves(scene) -> torch.Tensor:
     left, right = sorted(scene.objects, key=lambda o: o.center[0])
     image = np.empty((SIZE, SIZE, 3), dtype=np.uint8)
     image[:, : SIZE // 2], image[:, SIZE // 2:] = PALETTE[left.color], PALETTE[right.color]
-    return torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return to_tensor(Image.fromarray(image))
 
 
 def scene_and_caption(rng: np.random.Generator, a_color: str, b_color: str, relation: str, mirrored: bool,
                       background: str | None = None, size: str | None = None):
     shapes = rng.choice(TRAIN_SHAPES, size=2, replace=False)
-    sizes = rng.choice(("small", "large"), size=2) if size is None else (size, size)
+    sizes = rng.choice(SIZES, size=2) if size is None else (size, size)
     a, b = (str(shapes[0]), a_color, str(sizes[0])), (str(shapes[1]), b_color, str(sizes[1]))
     scene = relation_scene(rng, (SIZE, SIZE), a, b, relation,
                            background or ("white", "black")[rng.integers(2)])
@@ -119,14 +120,13 @@ def fresh_or_loaded(preset: str, init: str | None) -> tuple[Flux, bool]:
 
 
 def train(model: Flux, numbered: bool, task: Task, steps: int, batch: int, lr: float, every: int, seed: int,
-          show: bool = True) -> list[float]:
-    """`steps` AdamW steps at t = 1 on the task's pool; the direction share every `every` steps, printed as it
-    comes (`show`), since long runs are the point."""
+          show: bool = True) -> None:
+    """`steps` AdamW steps at t = 1 on the task's pool; with `show`, the direction share every `every` steps,
+    printed as it comes, since long runs are the point."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     n, L = len(task.latents), task.txt.shape[1]
     ids, tids, t = image_ids(batch, SIZE // 8, SIZE // 8), text_ids(batch, L, numbered=numbered), torch.ones(batch)
-    shares = []
     for step in range(1, steps + 1):
         pick = torch.randint(n, (batch,), generator=g)
         x0, eps = task.latents[pick], torch.randn(batch, 16, 64, generator=g)
@@ -134,11 +134,8 @@ def train(model: Flux, numbered: bool, task: Task, steps: int, batch: int, lr: f
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % every == 0:
-            shares.append(task.direction_share(model, numbered))
-            if show:
-                print(f" {shares[-1]:6.2f}", end="", flush=True)
-    return shares
+        if show and step % every == 0:
+            print(f" {task.direction_share(model, numbered):6.2f}", end="", flush=True)
 
 
 def main() -> None:

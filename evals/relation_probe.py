@@ -78,13 +78,19 @@ def held(pipe: Pipeline, prompt: str, relation: str, n: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
+def latent_x0_from_noise(pipe: Pipeline, prompt: str, seeds: range) -> torch.Tensor:
+    """The model's packed x0 predictions (B, L, 64) at t = 1 from one noise draw per seed: x0 = x_1 - v."""
+    n = len(seeds)
+    cond = pipe.encode_prompt([prompt] * n)
+    x = sampling.pack(sampling.get_noise(seeds, SIZE, SIZE)).to(pipe.device, pipe.dtype)
+    ids = sampling.image_ids(n, SIZE // 8, SIZE // 8, pipe.device)
+    return x - pipe.transformer(x, ids, cond.txt, cond.txt_ids, torch.ones(n, device=pipe.device), cond.vec)
+
+
+@torch.no_grad()
 def x0_from_noise(pipe: Pipeline, prompt: str, n: int) -> torch.Tensor:
     """The model's x0 predictions (B, 3, H, W) from n noise draws at t = 1, decoded."""
-    cond = pipe.encode_prompt([prompt] * n)
-    x = sampling.pack(sampling.get_noise(list(range(n)), SIZE, SIZE)).to(pipe.device, pipe.dtype)
-    ids = sampling.image_ids(n, SIZE // 8, SIZE // 8, pipe.device)
-    v = pipe.transformer(x, ids, cond.txt, cond.txt_ids, torch.ones(n, device=pipe.device), cond.vec)
-    x0 = sampling.unpack(x - v, SIZE // 8, SIZE // 8)  # x_1 is the noise, and x0 = x_t - t v
+    x0 = sampling.unpack(latent_x0_from_noise(pipe, prompt, range(n)), SIZE // 8, SIZE // 8)
     return pipe.autoencoder.decode(x0).float().cpu()
 
 
@@ -93,15 +99,12 @@ def position_share(pipe: Pipeline, n: int = 512) -> float:
     """How much of the world's position pattern for one red circle the model's mean x0 from noise reproduces."""
     entry = {"include": [{"class": "circle", "color": "red"}], "background": "white"}
     rng = np.random.default_rng(0)
-    cond = pipe.encode_prompt(["a red circle on a white background"] * 64)
-    ids = sampling.image_ids(64, SIZE // 8, SIZE // 8, pipe.device)
     world, model = [], []
     for k in range(n // 64):
         images = torch.stack([to_tensor(render(scene_from_spec(entry, rng, (SIZE, SIZE)))) for _ in range(64)])
         world.append(sampling.pack(pipe.autoencoder.encode(images.to(pipe.device, pipe.dtype))).float().cpu())
-        x = sampling.pack(sampling.get_noise(range(64 * k, 64 * k + 64), SIZE, SIZE)).to(pipe.device, pipe.dtype)
-        v = pipe.transformer(x, ids, cond.txt, cond.txt_ids, torch.ones(64, device=pipe.device), cond.vec)
-        model.append((x - v).float().cpu())  # x0 = x_1 - v at t = 1
+        model.append(latent_x0_from_noise(pipe, "a red circle on a white background", range(64 * k, 64 * k + 64))
+                     .float().cpu())
     world, model = (torch.cat(parts).mean(0) for parts in (world, model))  # mean latent per token (L, 64)
     world, model = ((m - m.mean(0)).flatten() for m in (world, model))  # each token minus the average token
     return float(model @ world / (world @ world))
