@@ -39,12 +39,17 @@ SIZE = 64
 PROBE_COLORS = (("red", "blue"), ("green", "yellow"), ("purple", "orange"))  # never trained as a pair here
 
 
+def color_halves(left: str, right: str) -> torch.Tensor:
+    """An image whose left half is colour `left` and right half colour `right`."""
+    image = np.empty((SIZE, SIZE, 3), dtype=np.uint8)
+    image[:, : SIZE // 2], image[:, SIZE // 2:] = PALETTE[left], PALETTE[right]
+    return to_tensor(Image.fromarray(image))
+
+
 def halves(scene) -> torch.Tensor:
     """The scene reduced to its layout: each half of the image in the colour of the object on that side."""
     left, right = sorted(scene.objects, key=lambda o: o.center[0])
-    image = np.empty((SIZE, SIZE, 3), dtype=np.uint8)
-    image[:, : SIZE // 2], image[:, SIZE // 2:] = PALETTE[left.color], PALETTE[right.color]
-    return to_tensor(Image.fromarray(image))
+    return color_halves(left.color, right.color)
 
 
 def scene_and_caption(rng: np.random.Generator, a_color: str, b_color: str, relation: str, mirrored: bool,
@@ -120,17 +125,19 @@ def fresh_or_loaded(preset: str, init: str | None) -> tuple[Flux, bool]:
 
 
 def train(model: Flux, numbered: bool, task: Task, steps: int, batch: int, lr: float, every: int, seed: int,
-          show: bool = True) -> None:
-    """`steps` AdamW steps at t = 1 on the task's pool; with `show`, the direction share every `every` steps,
-    printed as it comes, since long runs are the point."""
+          show: bool = True, t: float = 1.0) -> None:
+    """`steps` AdamW steps at time `t` (1: pure noise in) on the task's pool; with `show`, the task's share every
+    `every` steps, printed as it comes, since long runs are the point."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     n, L = len(task.latents), task.txt.shape[1]
-    ids, tids, t = image_ids(batch, SIZE // 8, SIZE // 8), text_ids(batch, L, numbered=numbered), torch.ones(batch)
+    ids, tids = image_ids(batch, SIZE // 8, SIZE // 8), text_ids(batch, L, numbered=numbered)
+    times = torch.full((batch,), t)
     for step in range(1, steps + 1):
         pick = torch.randint(n, (batch,), generator=g)
         x0, eps = task.latents[pick], torch.randn(batch, 16, 64, generator=g)
-        loss = (model(eps, ids, task.txt[pick], tids, t, task.vec[pick]) - (eps - x0)).pow(2).mean()
+        x_t = (1 - t) * x0 + t * eps
+        loss = (model(x_t, ids, task.txt[pick], tids, times, task.vec[pick]) - (eps - x0)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -138,23 +145,29 @@ def train(model: Flux, numbered: bool, task: Task, steps: int, batch: int, lr: f
             print(f" {task.direction_share(model, numbered):6.2f}", end="", flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def training_arguments(description: str) -> argparse.ArgumentParser:
+    """The options every learnability script shares: the run, the model it trains, the VAE, the seed."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--every", type=int, default=100, help="measure every N steps")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--pool", type=int, default=4096, help="training scenes per version")
+    parser.add_argument("--pool", type=int, default=4096, help="training images (per version)")
     parser.add_argument("--preset", default="tiny-pro", help="transformer shape, trained from scratch")
-    parser.add_argument("--init", help="fine-tune this model (name or folder) instead")
+    parser.add_argument("--init", help="fine-tune this model (name or folder) instead, with its own text ids")
+    parser.add_argument("--autoencoder", default="tiny-pro", help="model whose VAE encodes the images")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main() -> None:
+    parser = training_arguments(__doc__)
     parser.add_argument("--versions", nargs="+", default=["halves", "renders"], choices=["halves", "renders"])
     parser.add_argument("--halves-first", type=int, default=0, metavar="N",
                         help="train N steps on halves before renders (a curriculum), then measure on renders")
     parser.add_argument("--background", choices=["white", "black"], help="render every scene on this background "
                         "(default: either, as the world)")
     parser.add_argument("--size", choices=["small", "large"], help="draw every shape at this size (default: either)")
-    parser.add_argument("--autoencoder", default="tiny-pro", help="model whose VAE encodes the images")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     autoencoder = load_autoencoder(resolve(args.autoencoder).autoencoder, dtype=torch.float32)
     encoder = load_minilm(max_length=24)

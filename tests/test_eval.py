@@ -27,6 +27,7 @@ from fluxion.errors import InputError
 from fluxion.eval import (
     TAGS,
     Detection,
+    color_binding,
     detect,
     evaluate,
     format_table,
@@ -321,3 +322,48 @@ def test_relation_learnability_scenes_captions_and_halves_agree(relation, mirror
     image = ((learn.halves(scene) + 1) * 127.5).round().permute(1, 2, 0).numpy()
     left, right = (PALETTE["red"], PALETTE["blue"]) if red_left else (PALETTE["blue"], PALETTE["red"])
     assert (image[:, :32] == left).all() and (image[:, 32:] == right).all()
+
+
+def test_color_binding_tells_bound_from_swapped_and_is_tallied():
+    entry = {"tag": "color_attr", "prompt": "a purple triangle and a blue square",
+             "include": [{"class": "triangle", "count": 1, "color": "purple"},
+                         {"class": "square", "count": 1, "color": "blue"}]}
+
+    def shown(*pairs):
+        return [Detection(cls, color, (0, 0, 8, 8), (4, 4), 64) for cls, color in pairs]
+
+    assert color_binding(entry, shown(("triangle", "purple"), ("square", "blue"))) == "bound"
+    assert color_binding(entry, shown(("triangle", "blue"), ("square", "purple"))) == "swapped"
+    assert color_binding(entry, shown(("triangle", "purple"), ("square", "purple"))) == "neither"
+    assert color_binding(entry, shown(("triangle", "purple"))) == "neither"
+    uncoloured = next(e for e in SPEC_ENTRIES if e["tag"] == "position" and "color" not in e["include"][0])
+    assert color_binding(uncoloured, shown(("circle", "red"), ("square", "blue"))) is None
+    # World renders of every colour_attr prompt are bound; the tally counts images of those prompts only.
+    pairs = [e for e in SPEC_ENTRIES if e["tag"] == "color_attr"][:3] + [uncoloured]
+    results = evaluate(pairs, [_world_images(e, 2, seed=5) for e in pairs])
+    assert results["color_binding"] == {"bound": 6, "swapped": 0, "neither": 0}
+    assert "6 bound, 0 swapped, 0 neither" in format_table(results)
+
+
+def test_binding_learnability_halves_follow_the_bound_colours(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "evals"))
+    learn = _script("binding_learnability")
+    shapes, colors = ("triangle", "circle"), ("red", "blue")
+    assert learn.binding_caption(shapes, colors, "a photo of ") == "a photo of a red triangle and a blue circle"
+    image = ((learn.binding_halves(shapes, colors) + 1) * 127.5).round().permute(1, 2, 0).numpy()
+    assert (image[:, :32] == PALETTE["blue"]).all() and (image[:, 32:] == PALETTE["red"]).all()  # circle first
+    swapped = ((learn.binding_halves(shapes, colors[::-1]) + 1) * 127.5).round().permute(1, 2, 0).numpy()
+    assert (swapped[:, :32] == PALETTE["red"]).all()
+
+
+def test_binding_learnability_renders_swap_only_the_shapes(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "evals"))
+    learn = _script("binding_learnability")
+    colors = ("red", "blue")
+    bound, swapped = (((learn.binding_render(shapes, colors, seed=3) + 1) * 127.5).round().permute(1, 2, 0).numpy()
+                      for shapes in (("circle", "triangle"), ("triangle", "circle")))
+    for color in colors:
+        masks = [(image == PALETTE[color]).all(-1) for image in (bound, swapped)]
+        centroids = [np.argwhere(m).mean(0) for m in masks]
+        assert masks[0].sum() > 50 and (masks[0] != masks[1]).any()  # the same place, another shape
+        assert np.abs(centroids[0] - centroids[1]).max() < 4  # a triangle's centroid sits lower in its box

@@ -106,6 +106,10 @@ def format_table(results: dict) -> str:
     held = results["held_out"]
     if held["total"]:
         lines.append(f"{'held_out pairs':<16}{held['accuracy']:>10.2%}{held['correct']:>6} / {held['total']}")
+    binding = results.get("color_binding", {})
+    if sum(binding.values()):
+        # as many swapped as bound: the model does not tie colours to shapes
+        lines.append("colour binding  " + ", ".join(f"{n} {k}" for k, n in binding.items()))
     return "\n".join(lines)
 
 

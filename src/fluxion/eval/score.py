@@ -114,6 +114,24 @@ def score_entry(entry: dict, detections: Sequence[Detection]) -> tuple[bool, str
     return correct, "\n".join(reason)
 
 
+def color_binding(entry: dict, detections: Sequence[Detection]) -> str | None:
+    """For an entry asking for two different shapes of two different colours ("a yellow circle and a blue
+    triangle"): "bound" if the image shows each shape in its colour, "swapped" if each in the other's colour, else
+    "neither". None for any other entry. Telling the two failures apart shows whether a model binds colours to
+    shapes at all: one that does not swaps as often as it binds."""
+    include = entry["include"]
+    if len(include) != 2 or any(r.get("count", 1) != 1 or "color" not in r for r in include):
+        return None
+    (a, b), shown = include, {(d.cls, d.color) for d in detections}
+    if a["class"] == b["class"] or a["color"] == b["color"]:
+        return None
+    if {(a["class"], a["color"]), (b["class"], b["color"])} <= shown:
+        return "bound"
+    if {(a["class"], b["color"]), (b["class"], a["color"])} <= shown:
+        return "swapped"
+    return "neither"
+
+
 def summarize(records: Sequence[dict]) -> dict:
     """Per-tag accuracy (mean over images), overall = mean over tags, and the held-out-pair subset."""
     per_tag: dict[str, dict] = {}
@@ -127,6 +145,7 @@ def summarize(records: Sequence[dict]) -> dict:
     by_prompt: dict[int, bool] = {}
     for r in records:
         by_prompt[r["entry"]] = by_prompt.get(r["entry"], False) or r["correct"]
+    binding = {k: sum(r.get("binding") == k for r in records) for k in ("bound", "swapped", "neither")}
     return {
         "overall": float(np.mean([t["accuracy"] for t in per_tag.values()])) if per_tag else 0.0,
         "per_tag": per_tag,
@@ -135,6 +154,7 @@ def summarize(records: Sequence[dict]) -> dict:
         "images": len(records),
         "image_accuracy": sum(r["correct"] for r in records) / len(records) if records else 0.0,
         "prompt_accuracy": sum(by_prompt.values()) / len(by_prompt) if by_prompt else 0.0,
+        "color_binding": binding,  # over the images of prompts naming two shapes in two colours
     }
 
 
@@ -154,6 +174,6 @@ def evaluate(spec_entries: Sequence[dict], images_per_entry: Sequence[Sequence],
             records.append({"entry": i, "image": j, "seed": None if seeds is None else seeds[i][j],
                             "tag": entry["tag"], "prompt": entry["prompt"], "held_out": held_out,
                             "background": background_name(image),
-                            "correct": correct, "reason": reason,
+                            "correct": correct, "reason": reason, "binding": color_binding(entry, detections),
                             "detections": [d.to_dict() for d in detections]})
     return {**summarize(records), "records": records}
