@@ -52,6 +52,11 @@ def _world_images(entry, n, seed, render_entry=None):
             for j in range(n)]
 
 
+def _pixels(image: torch.Tensor) -> np.ndarray:
+    """A (3, H, W) image in [-1, 1] as (H, W, 3) pixel values 0-255."""
+    return ((image + 1) * 127.5).round().permute(1, 2, 0).numpy()
+
+
 def _script(name: str):
     """A script of evals/ imported as a module."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "evals" / f"{name}.py")
@@ -319,7 +324,7 @@ def test_relation_learnability_scenes_captions_and_halves_agree(relation, mirror
     assert caption.endswith(expected) and scene.background == "white" and {red.size, blue.size} == {"large"}
     red_left = relation == "left of"
     assert (red.center[0] < blue.center[0]) == red_left
-    image = ((learn.halves(scene) + 1) * 127.5).round().permute(1, 2, 0).numpy()
+    image = _pixels(learn.halves(scene))
     left, right = (PALETTE["red"], PALETTE["blue"]) if red_left else (PALETTE["blue"], PALETTE["red"])
     assert (image[:, :32] == left).all() and (image[:, 32:] == right).all()
 
@@ -338,7 +343,7 @@ def test_color_binding_tells_bound_from_swapped_and_is_tallied():
     assert color_binding(entry, shown(("triangle", "purple"))) == "neither"
     uncoloured = next(e for e in SPEC_ENTRIES if e["tag"] == "position" and "color" not in e["include"][0])
     assert color_binding(uncoloured, shown(("circle", "red"), ("square", "blue"))) is None
-    # World renders of every colour_attr prompt are bound; the tally counts images of those prompts only.
+    # World renders of colour_attr prompts are bound; the tally skips the uncoloured position prompt.
     pairs = [e for e in SPEC_ENTRIES if e["tag"] == "color_attr"][:3] + [uncoloured]
     results = evaluate(pairs, [_world_images(e, 2, seed=5) for e in pairs])
     assert results["color_binding"] == {"bound": 6, "swapped": 0, "neither": 0}
@@ -350,9 +355,9 @@ def test_binding_learnability_halves_follow_the_bound_colours(monkeypatch):
     learn = _script("binding_learnability")
     shapes, colors = ("triangle", "circle"), ("red", "blue")
     assert learn.binding_caption(shapes, colors, "a photo of ") == "a photo of a red triangle and a blue circle"
-    image = ((learn.binding_halves(shapes, colors) + 1) * 127.5).round().permute(1, 2, 0).numpy()
+    image = _pixels(learn.binding_halves(shapes, colors))
     assert (image[:, :32] == PALETTE["blue"]).all() and (image[:, 32:] == PALETTE["red"]).all()  # circle first
-    swapped = ((learn.binding_halves(shapes, colors[::-1]) + 1) * 127.5).round().permute(1, 2, 0).numpy()
+    swapped = _pixels(learn.binding_halves(shapes, colors[::-1]))
     assert (swapped[:, :32] == PALETTE["red"]).all()
 
 
@@ -360,7 +365,7 @@ def test_binding_learnability_renders_swap_only_the_shapes(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "evals"))
     learn = _script("binding_learnability")
     colors = ("red", "blue")
-    bound, swapped = (((learn.binding_render(shapes, colors, seed=3) + 1) * 127.5).round().permute(1, 2, 0).numpy()
+    bound, swapped = (_pixels(learn.binding_render(shapes, colors, seed=3))
                       for shapes in (("circle", "triangle"), ("triangle", "circle")))
     for color in colors:
         masks = [(image == PALETTE[color]).all(-1) for image in (bound, swapped)]
