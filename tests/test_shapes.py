@@ -11,6 +11,7 @@ from fluxion.data import (
     BUCKETS,
     COLORS,
     HELD_OUT_PAIRS,
+    LAYOUTS,
     PALETTE,
     RELATIONS,
     BucketBatchSampler,
@@ -143,9 +144,10 @@ def _no_overlap_and_inside(scene):
             assert gap >= 2.0, (scene, gap)
 
 
-def test_layouts_do_not_overlap_and_relations_hold():
-    scenes = _scenes(1500, seed=13, allow_held_out=True, shapes=ALL_SHAPES)
-    relations = set()
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts_do_not_overlap_and_relations_hold(layout):
+    scenes = _scenes(1500, seed=13, allow_held_out=True, shapes=ALL_SHAPES, layout=layout)
+    relations, in_halves = set(), []
     for scene in scenes:
         _no_overlap_and_inside(scene)
         if scene.relation is None:
@@ -164,7 +166,17 @@ def test_layouts_do_not_overlap_and_relations_hold():
             "below": (ay - by, ax - bx, by1 < ay0),
         }[scene.relation]
         assert separated and along > 0 and abs(across) <= ACROSS_RATIO * along + 1e-9, scene
+        # Each object in its own half: the first of the pair in reading order ends before the middle.
+        horizontal = scene.relation in ("left of", "right of")
+        first, second = (a, b) if scene.relation in ("left of", "above") else (b, a)
+        middle = (scene.width if horizontal else scene.height) / 2
+        axis = 0 if horizontal else 1
+        in_halves.append(first.center[axis] < middle < second.center[axis])
     assert relations == set(RELATIONS)
+    if layout == "halves":
+        assert all(in_halves)
+    else:  # "spread" puts both centres on one side of the middle in a few scenes in a hundred
+        assert 0.01 < 1 - np.mean(in_halves) < 0.2
     # Sizes: "large" objects are larger than "small" ones of the same bucket.
     for bucket in BUCKETS:
         ext = {s: [o.extent for sc in scenes if (sc.height, sc.width) == bucket for o in sc.objects if o.size == s]
@@ -227,6 +239,22 @@ def test_captions_describe_what_is_drawn():
     assert describe(two, CaptionStyle()) == "two orange squares"
     one = group_scene(np.random.default_rng(0), (64, 64), "square", "orange", 1, "small", "white")
     assert describe(one, CaptionStyle()) == "an orange square"
+
+
+def test_halves_captions_name_a_plain_pair_in_reading_order():
+    ds = ShapesDataset(seed=3, length=600, p_relation=1.0, layout="halves")
+    plain = 0
+    for i in range(len(ds)):
+        scene, text = ds.scene(i)
+        _check_caption(scene, text)
+        if " and " in text:
+            plain += 1
+            a, b = scene.objects
+            first = a if scene.relation in ("left of", "above") else b
+            assert first.shape in text.split(" and ")[0].split(), (text, scene)
+    assert plain > 100
+    with pytest.raises(InputError, match="layout 'grid'"):
+        ShapesDataset(layout="grid")
 
 
 def test_scene_from_spec_matches_the_entry():

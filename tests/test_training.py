@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from fluxion.checkpoints import load_autoencoder, load_state_dict, load_transformer, read_checkpoint_info
-from fluxion.data import ShapesDataset, collate
+from fluxion.data import LAYOUTS, ShapesDataset, collate
 from fluxion.errors import CheckpointError
 from fluxion.model import Flux, FluxParams
 from fluxion.pipeline import Pipeline
 from fluxion.registry import resolve
 from fluxion.training import ConfigError, TrainingDiverged, load_config, objectives, run
-from fluxion.training.batches import BatchStream, FeatureCache
+from fluxion.training.batches import BatchStream, FeatureCache, cache_key
 from fluxion.training.checkpoint import CHECKPOINT, STATE_KEY
 from fluxion.training.config import OptimConfig
 from fluxion.training.ema import EMA
@@ -303,6 +303,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(root, ae_path
     (lambda r: r.update(trainer={}), "[trainer]"),
     (lambda r: r["data"].update(text_length=2), "data.text_length"),
     (lambda r: r["data"].update(p_relation=1.5), "data.p_relation"),
+    (lambda r: r["data"].update(layout="grid"), "data.layout"),
 ])
 def test_config_errors_name_the_file_and_key(tmp_path, edit, key):
     recipe = vae_recipe(tmp_path)
@@ -330,11 +331,9 @@ def test_transformer_stage_configs_require_their_inputs(tmp_path):
 
 def test_shipped_recipes_parse_and_fit_the_size_budget():
     recipes = Path(__file__).parent.parent / "recipes"
-    names = ("tiny-vae", "tiny-pro-base", "tiny-pro-warm", "tiny-pro-cycle3", "tiny-pro", "tiny-pro-cycle4",
-             "tiny-dev", "tiny-schnell")
-    experiments = sorted((recipes / "experiments").glob("*.toml"))
-    assert experiments
-    for path in [recipes / f"{name}.toml" for name in names] + experiments:
+    stages, experiments = sorted(recipes.glob("*.toml")), sorted((recipes / "experiments").glob("*.toml"))
+    assert {"tiny-vae", "tiny-pro", "tiny-dev", "tiny-schnell"} <= {p.stem for p in stages} and experiments
+    for path in stages + experiments:
         cfg = load_config(path)
         assert cfg.run.name == path.stem or path in experiments
         if not cfg.is_vae:
@@ -507,3 +506,15 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert [learning_rate(s, o, 20) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert learning_rate(19, o, 20) == pytest.approx(0.1)
     assert learning_rate(5, OptimConfig(lr=2.0), 20) == 2.0
+
+
+def test_feature_cache_key_follows_the_layout(tmp_path):
+    vae = tmp_path / "ae.safetensors"
+    vae.write_bytes(b"weights")
+
+    class Text:
+        max_length, context_dim = 24, 384
+
+    keys = {layout: cache_key(vae, ShapesDataset(seed=0, length=8, layout=layout), Text()) for layout in LAYOUTS}
+    assert keys["spread"] != keys["halves"]
+    assert keys["spread"] == cache_key(vae, ShapesDataset(seed=0, length=8), Text())

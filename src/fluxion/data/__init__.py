@@ -11,6 +11,7 @@ from fluxion.data.shapes import (
     HELD_OUT_PAIRS,
     HELD_OUT_SHAPES,
     INVERSE_RELATION,
+    LAYOUTS,
     PALETTE,
     RELATIONS,
     TRAIN_SHAPES,
@@ -24,8 +25,8 @@ from fluxion.data.shapes import (
 )
 
 __all__ = [
-    "ALL_SHAPES", "BACKGROUNDS", "BUCKETS", "COLORS", "HELD_OUT_PAIRS", "HELD_OUT_SHAPES", "INVERSE_RELATION", "PALETTE", "RELATIONS",
-    "TRAIN_SHAPES", "BucketBatchSampler", "CaptionStyle", "Scene", "ShapeObject", "ShapesDataset", "caption",
-    "caption_styles", "collate", "describe", "group_scene", "is_held_out", "noun_phrase", "relation_scene",
-    "render", "sample_scene", "scene_from_spec", "to_tensor",
+    "ALL_SHAPES", "BACKGROUNDS", "BUCKETS", "COLORS", "HELD_OUT_PAIRS", "HELD_OUT_SHAPES", "INVERSE_RELATION",
+    "LAYOUTS", "PALETTE", "RELATIONS", "TRAIN_SHAPES", "BucketBatchSampler", "CaptionStyle", "Scene", "ShapeObject",
+    "ShapesDataset", "caption", "caption_styles", "collate", "describe", "group_scene", "is_held_out", "noun_phrase",
+    "relation_scene", "render", "sample_scene", "scene_from_spec", "to_tensor",
 ]

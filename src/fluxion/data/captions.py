@@ -63,11 +63,14 @@ def caption_styles(scene: Scene) -> list[CaptionStyle]:
                                                               (True, False), forms)]
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
+def caption(scene: Scene, rng: np.random.Generator, reading_order: bool = False) -> str:
     """A random caption of `scene`; every caption names each object's shape and count and the relation
-    (unless it uses the plain 'a and b' form), and any colour, size or background it names is the drawn one."""
+    (unless it uses the plain 'a and b' form), and any colour, size or background it names is the drawn one.
+    With `reading_order`, the plain form names the left (or upper) object first."""
     u = rng.random(5)
-    form = min(int(np.searchsorted(np.cumsum(FORM_WEIGHTS), u[4], side="right")), len(FORMS) - 1)
+    form = FORMS[min(int(np.searchsorted(np.cumsum(FORM_WEIGHTS), u[4], side="right")), len(FORMS) - 1)]
+    if reading_order and form in ("and", "and_reversed"):
+        form = "and" if scene.relation in ("left of", "above") else "and_reversed"
     style = CaptionStyle(prefix=PREFIXES[int(u[0] < P_PHOTO)], color=bool(u[1] < P_COLOR),
-                         size=bool(u[2] < P_SIZE), background=bool(u[3] < P_BACKGROUND), form=FORMS[form])
+                         size=bool(u[2] < P_SIZE), background=bool(u[3] < P_BACKGROUND), form=form)
     return describe(scene, style)

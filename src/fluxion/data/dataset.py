@@ -8,7 +8,7 @@ from PIL import Image
 
 from fluxion.data.captions import caption
 from fluxion.data.render import render
-from fluxion.data.shapes import BUCKETS, P_RELATION, TRAIN_SHAPES, Scene, sample_scene
+from fluxion.data.shapes import BUCKETS, P_RELATION, TRAIN_SHAPES, Scene, check_layout, sample_scene
 from fluxion.errors import InputError
 
 
@@ -20,11 +20,13 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 class ShapesDataset:
     """Item i is a function of (seed, i) only: its bucket is `buckets[i % len(buckets)]`, its scene and caption
-    come from a generator seeded with (seed, i). Held-out pairs and shapes appear only with `allow_held_out`."""
+    come from a generator seeded with (seed, i). Held-out pairs and shapes appear only with `allow_held_out`.
+    `layout` places pairs (shapes.LAYOUTS); with "halves", a caption naming a pair without its relation names
+    it in reading order."""
 
     def __init__(self, seed: int = 0, length: int = 1_000_000, buckets: Sequence[tuple[int, int]] = BUCKETS, *,
                  allow_held_out: bool = False, shapes: tuple[str, ...] = TRAIN_SHAPES,
-                 p_relation: float = P_RELATION):
+                 p_relation: float = P_RELATION, layout: str = "spread"):
         if length < 1 or not buckets:
             raise InputError(f"ShapesDataset needs length >= 1 and at least one bucket, got length={length}, "
                              f"buckets={buckets}")
@@ -34,7 +36,8 @@ class ShapesDataset:
         self.seed, self.length, self.buckets = seed, length, tuple(tuple(b) for b in buckets)
         if not 0.0 <= p_relation <= 1.0:
             raise InputError(f"p_relation must be in [0, 1], got {p_relation}")
-        self.allow_held_out, self.shapes, self.p_relation = allow_held_out, shapes, p_relation
+        check_layout(layout)
+        self.allow_held_out, self.shapes, self.p_relation, self.layout = allow_held_out, shapes, p_relation, layout
 
     def __len__(self) -> int:
         return self.length
@@ -47,8 +50,8 @@ class ShapesDataset:
             raise IndexError(f"index {index} out of range for ShapesDataset of length {self.length}")
         rng = np.random.default_rng((self.seed, index))
         scene = sample_scene(rng, self.bucket_for_index(index), allow_held_out=self.allow_held_out,
-                             shapes=self.shapes, p_relation=self.p_relation)
-        return scene, caption(scene, rng)
+                             shapes=self.shapes, p_relation=self.p_relation, layout=self.layout)
+        return scene, caption(scene, rng, reading_order=self.layout == "halves")
 
     def image(self, index: int) -> tuple[Image.Image, str]:
         scene, text = self.scene(index)

@@ -42,6 +42,10 @@ GAP_FRAC = 0.08      # minimum free space between two objects
 # A relation's objects are offset along the other axis by at most this fraction of their offset along the
 # relation's axis, which keeps GenEval's position test (threshold 0.1) from also seeing a second relation.
 ACROSS_RATIO = 0.3
+# Where a pair's objects go along the relation's axis. "spread": anywhere, in order. "halves": each in its own
+# half of the canvas (as "spread" places all but a few pairs in a hundred); ShapesDataset then also names a pair
+# without its relation ("a X and a Y") in reading order, so that word order says where each object goes.
+LAYOUTS: tuple[str, ...] = ("spread", "halves")
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,11 @@ def is_held_out(color: str | None, shape: str) -> bool:
     return shape in HELD_OUT_SHAPES or (color, shape) in HELD_OUT_PAIRS
 
 
+def check_layout(layout: str):
+    if layout not in LAYOUTS:
+        raise InputError(f"layout {layout!r} is not one of {LAYOUTS}")
+
+
 def _check_vocab(shape: str, color: str | None = None):
     if shape not in ALL_SHAPES:
         raise InputError(f"shape {shape!r} is not one of {ALL_SHAPES}")
@@ -130,11 +139,12 @@ def _grid_layout(rng: np.random.Generator, n: int, extent: float, height: int, w
 
 
 def _relation_layout(rng: np.random.Generator, relation: str, ext_a: float, ext_b: float, height: int,
-                     width: int):
-    """Centres of a and b with `a <relation> b`: separated by a gap along the relation's axis, and offset
-    across it by at most ACROSS_RATIO of the offset along it."""
+                     width: int, layout: str = "spread"):
+    """Centres of a and b with `a <relation> b`: separated by a gap along the relation's axis (in order, or
+    each in its own half: LAYOUTS), and offset across it by at most ACROSS_RATIO of the offset along it."""
     if relation in ("right of", "below"):
-        (cb, ca), (ext_b, ext_a) = _relation_layout(rng, INVERSE_RELATION[relation], ext_b, ext_a, height, width)
+        (cb, ca), (ext_b, ext_a) = _relation_layout(rng, INVERSE_RELATION[relation], ext_b, ext_a, height, width,
+                                                    layout)
         return (ca, cb), (ext_a, ext_b)
     horizontal = relation == "left of"
     along, across = (width, height) if horizontal else (height, width)
@@ -144,11 +154,17 @@ def _relation_layout(rng: np.random.Generator, relation: str, ext_a: float, ext_
     if ext_a + ext_b > room:  # two large objects stacked in a 48-high bucket
         shrink = room / (ext_a + ext_b)
         ext_a, ext_b = ext_a * shrink, ext_b * shrink
-    # Split the free length at random between the outer margins and the gap.
-    free = max(room - ext_a - ext_b, 0.0)
-    u, v = sorted(rng.uniform(0, free, size=2))
-    pos_a = margin + u + ext_a / 2
-    pos_b = pos_a + ext_a / 2 + gap + (v - u) + ext_b / 2
+    if layout == "halves":
+        # The gap straddles the middle, moved off it only as far as an object too large for its half needs.
+        split = min(max(along / 2, margin + ext_a + gap / 2), along - margin - ext_b - gap / 2)
+        lo_a, lo_b = margin + ext_a / 2, split + gap / 2 + ext_b / 2
+        pos_a = rng.uniform(lo_a, max(lo_a, split - gap / 2 - ext_a / 2))  # max: rounding where an object
+        pos_b = rng.uniform(lo_b, max(lo_b, along - margin - ext_b / 2))   # fills its whole range
+    else:  # split the free length at random between the outer margins and the gap
+        free = max(room - ext_a - ext_b, 0.0)
+        u, v = sorted(rng.uniform(0, free, size=2))
+        pos_a = margin + u + ext_a / 2
+        pos_b = pos_a + ext_a / 2 + gap + (v - u) + ext_b / 2
     # The larger object is placed across first: the smaller one's valid range then contains it.
     max_off = ACROSS_RATIO * (pos_b - pos_a)
     big, small = (ext_a, ext_b) if ext_a >= ext_b else (ext_b, ext_a)
@@ -175,21 +191,23 @@ def group_scene(rng: np.random.Generator, bucket: tuple[int, int], shape: str, c
 
 
 def relation_scene(rng: np.random.Generator, bucket: tuple[int, int], a: tuple[str, str, str],
-                   b: tuple[str, str, str], relation: str, background: str) -> Scene:
-    """Two objects given as (shape, color, size) with `a <relation> b`."""
+                   b: tuple[str, str, str], relation: str, background: str, layout: str = "spread") -> Scene:
+    """Two objects given as (shape, color, size) with `a <relation> b`, placed as `layout` (LAYOUTS) says."""
     for shape, color, _ in (a, b):
         _check_vocab(shape, color)
     if relation not in RELATIONS:
         raise InputError(f"relation {relation!r} is not one of {RELATIONS}")
+    check_layout(layout)
     height, width = bucket
     ext = (_extent(rng, a[2], height, width), _extent(rng, b[2], height, width))
-    (ca, cb), (ea, eb) = _relation_layout(rng, relation, *ext, height, width)
+    (ca, cb), (ea, eb) = _relation_layout(rng, relation, *ext, height, width, layout)
     objects = (ShapeObject(a[0], a[1], a[2], ca, ea), ShapeObject(b[0], b[1], b[2], cb, eb))
     return Scene(height, width, background, objects, relation)
 
 
 def sample_scene(rng: np.random.Generator, bucket: tuple[int, int], *, allow_held_out: bool = False,
-                 shapes: tuple[str, ...] = TRAIN_SHAPES, p_relation: float = P_RELATION) -> Scene:
+                 shapes: tuple[str, ...] = TRAIN_SHAPES, p_relation: float = P_RELATION,
+                 layout: str = "spread") -> Scene:
     """A random scene for `bucket` (height, width). Without `allow_held_out`, never a held-out pair or shape."""
     if not allow_held_out and any(s in HELD_OUT_SHAPES for s in shapes):
         raise InputError(f"shapes {shapes} include held-out shapes {sorted(HELD_OUT_SHAPES)}; "
@@ -200,7 +218,7 @@ def sample_scene(rng: np.random.Generator, bucket: tuple[int, int], *, allow_hel
     if len(shapes) >= 2 and rng.random() < p_relation:
         i, j = rng.choice(len(shapes), size=2, replace=False)
         a, b = ((shapes[k], _pick_color(rng, shapes[k], allow_held_out), SIZES[rng.integers(2)]) for k in (i, j))
-        return relation_scene(rng, bucket, a, b, RELATIONS[rng.integers(len(RELATIONS))], background)
+        return relation_scene(rng, bucket, a, b, RELATIONS[rng.integers(len(RELATIONS))], background, layout)
     shape = shapes[rng.integers(len(shapes))]
     return group_scene(rng, bucket, shape, _pick_color(rng, shape, allow_held_out),
                        int(rng.integers(1, MAX_COUNT + 1)), SIZES[rng.integers(2)], background)

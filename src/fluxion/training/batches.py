@@ -107,7 +107,10 @@ def cache_key(autoencoder_path: Path, dataset: ShapesDataset, text_encoder) -> s
                          "buckets": dataset.buckets, "held_out": dataset.allow_held_out, "shapes": dataset.shapes,
                          "p_relation": dataset.p_relation,
                          "text": type(text_encoder).__name__, "text_length": text_encoder.max_length,
-                         "text_dim": text_encoder.context_dim}, sort_keys=True).encode())
+                         "text_dim": text_encoder.context_dim,
+                         # only when not the default, so caches built before layouts existed stay valid
+                         **({"layout": dataset.layout} if dataset.layout != "spread" else {})},
+                        sort_keys=True).encode())
     return h.hexdigest()
 
 

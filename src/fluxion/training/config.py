@@ -7,7 +7,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.shapes import BUCKETS, P_RELATION
+from ..data.shapes import BUCKETS, LAYOUTS, P_RELATION
 from ..errors import InputError
 from ..model.configs import AUTOENCODER_PRESETS, TRANSFORMER_PRESETS, AutoEncoderParams, FluxParams
 from ..pipeline import VARIANTS, VariantDefaults
@@ -48,6 +48,7 @@ class DataConfig:
     cache_dir: str = ""  # frozen-feature cache (VAE latents, MiniLM states); "" = <out_dir>/cache
     p_relation: float = P_RELATION  # share of two-object relation scenes; the rest are 1-4 copies of one object
     text_length: int = 32  # MiniLM tokens per caption (padded); recorded in the model's manifest for inference
+    layout: str = "spread"  # where a pair's objects go (fluxion.data.shapes.LAYOUTS)
 
 
 @dataclass
@@ -224,6 +225,7 @@ def _validate(cfg: TrainConfig) -> None:
         _require(len(b) == 2 and all(v > 0 and v % 16 == 0 for v in b), s, f"data.buckets[{i}]",
                  f"must be [height, width], multiples of 16, got {b}")
     _require(len(cfg.data.buckets) >= 1, s, "data.buckets", "must list at least one bucket")
+    _require(cfg.data.layout in LAYOUTS, s, "data.layout", f"must be one of {LAYOUTS}, got {cfg.data.layout!r}")
     _require(0.0 <= cfg.data.p_relation <= 1.0, s, "data.p_relation", f"must be in [0, 1], got {cfg.data.p_relation}")
     _require(3 <= cfg.data.text_length <= 512, s, "data.text_length",
              f"must be in [3, 512] ([CLS], a token, [SEP]; MiniLM's 512 positions), got {cfg.data.text_length}")

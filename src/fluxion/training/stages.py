@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 def _dataset(cfg: TrainConfig) -> ShapesDataset:
     # held-out pairs and the star stay out of training (ShapesDataset's default)
     return ShapesDataset(seed=cfg.data.seed, length=cfg.data.num_images,
-                         buckets=[tuple(b) for b in cfg.data.buckets], p_relation=cfg.data.p_relation)
+                         buckets=[tuple(b) for b in cfg.data.buckets], p_relation=cfg.data.p_relation,
+                         layout=cfg.data.layout)
 
 
 def _randn(shape, generator: torch.Generator, like: Tensor) -> Tensor:
