@@ -166,7 +166,7 @@ def test_layouts_do_not_overlap_and_relations_hold(layout):
             "below": (ay - by, ax - bx, by1 < ay0),
         }[scene.relation]
         assert separated and along > 0 and abs(across) <= ACROSS_RATIO * along + 1e-9, scene
-        # Each object in its own half: the first of the pair in reading order ends before the middle.
+        # Each object in its own half: the centre of the first in reading order before the middle, the other after.
         horizontal = scene.relation in ("left of", "right of")
         first, second = (a, b) if scene.relation in ("left of", "above") else (b, a)
         middle = (scene.width if horizontal else scene.height) / 2
