@@ -189,7 +189,8 @@ def test_guidance_stage_student_embeds_guidance(dev_run):
 def test_fewstep_stage_distils_dev_into_a_guidance_free_student(root, ae_path, dev_run):
     teacher = str(dev_run / "model" / "transformer.safetensors")
     recipe = flux_recipe(root, ae_path, "schnell", "fewstep", "schnell", steps=2,
-                         objective={"teacher": teacher, "teacher_substeps": 2, "student_steps": [1, 4]},
+                         objective={"teacher": teacher, "teacher_substeps": 2, "student_steps": [1, 4],
+                                    "student_rollout": 0.5},
                          model={"init_from": teacher, "init_guidance": 3.5})
     out = run(write_recipe(root / "schnell.toml", recipe))
     assert checkpoint_state(out)[1]["step"] == 2
@@ -223,7 +224,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(root, ae_path, pr
         else:
             teacher = str(dev_run / "model" / "transformer.safetensors")
             sections = flux_recipe(root, ae_path, name, "fewstep", "schnell", steps=6,
-                                   objective={"teacher": teacher, "teacher_substeps": 2},
+                                   objective={"teacher": teacher, "teacher_substeps": 2, "student_rollout": 0.5},
                                    model={"init_from": teacher, "init_guidance": 3.5})
         sections["optim"]["schedule"] = "cosine"
         sections["data"]["num_images"] = 16  # 2 batches per bucket (4 for the 1-bucket VAE): 6 steps cross an epoch
@@ -325,6 +326,10 @@ def test_transformer_stage_configs_require_their_inputs(tmp_path):
     recipe = flux_recipe(tmp_path, tmp_path / "ae.safetensors", "pro", "flow", "turbo")
     with pytest.raises(ConfigError, match="export.variant"):
         load_config(write_recipe(tmp_path / "c.toml", recipe))
+    recipe = flux_recipe(tmp_path, tmp_path / "ae.safetensors", "schnell", "fewstep", "schnell",
+                         objective={"teacher": "t.safetensors", "student_rollout": 1.5})
+    with pytest.raises(ConfigError, match="objective.student_rollout"):
+        load_config(write_recipe(tmp_path / "d.toml", recipe))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
 
@@ -386,6 +391,26 @@ def test_jump_target_matches_teacher_integration():
     exact = x * torch.exp((t_next**2 - t**2) / 2).view(-1, 1, 1)
     target = objectives.jump_target(linear, x, t, t_next, 2000)
     assert torch.allclose(x + (t_next - t).view(-1, 1, 1) * target, exact, atol=1e-4)
+
+
+def test_own_steps_take_each_sample_along_its_schedule_path_from_its_noise():
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(3, 2, 4, generator=g)
+    paths = [[1.0], [1.0, 0.75], [1.0, 0.75, 0.5, 0.25]]
+    calls = []
+
+    def velocity(x, t, rows):  # v = t x, and which rows each step ran
+        calls.append(rows.tolist())
+        return x * t.view(-1, 1, 1)
+
+    x = objectives.own_steps(velocity, noise, paths)
+    assert torch.equal(x[0], noise[0])  # at t = 1 the sampler's input is the noise itself
+    assert calls == [[1, 2], [2], [2]]  # the rows still on their way: finished ones run no more forwards
+    expected = noise[2].clone()
+    for a, b in zip(paths[2][:-1], paths[2][1:]):  # the sampler's Euler steps, one by one
+        expected = expected + (b - a) * expected * a
+    assert torch.allclose(x[2], expected, atol=1e-6)
+    assert torch.allclose(x[1], noise[1] * (1 - 0.25), atol=1e-6)
 
 
 def test_vae_loss_is_zero_for_a_perfect_reconstruction_with_a_standard_posterior():

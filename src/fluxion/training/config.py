@@ -113,6 +113,9 @@ class FewStepObjective:
     teacher_guidance: float = 3.5  # the teacher's guidance (embedded for dev, CFG scale for pro)
     teacher_substeps: int = 4  # Euler steps of the teacher per student step
     student_steps: list[int] = field(default_factory=lambda: [4])  # schedules the student learns (unshifted)
+    # share of samples whose x_t is where the student's own steps from pure noise land (sampling's inputs), not
+    # the data noised to t; 0 = all from the data (the default, as every recipe before it)
+    student_rollout: float = 0.0
 
 
 OBJECTIVES = {"vae": VAEObjective, "flow": FlowObjective, "guidance": GuidanceObjective, "fewstep": FewStepObjective}
@@ -273,6 +276,8 @@ def _validate(cfg: TrainConfig) -> None:
         _require(obj.teacher_substeps >= 1, s, "objective.teacher_substeps", "must be >= 1")
         _require(bool(obj.student_steps) and all(n >= 1 for n in obj.student_steps), s, "objective.student_steps",
                  f"must list step counts >= 1, got {obj.student_steps}")
+        _require(0 <= obj.student_rollout <= 1, s, "objective.student_rollout",
+                 f"must be in [0, 1], got {obj.student_rollout}")
 
 
 def parse_config(data: dict, source: str = "<dict>") -> TrainConfig:

@@ -79,5 +79,20 @@ def jump_target(velocity: Velocity, x: Tensor, t: Tensor, t_next: Tensor, subste
     return (x_next - x.float()) / _bcast(t_next - t, x_next)
 
 
+def own_steps(velocity: Callable[[Tensor, Tensor, Tensor], Tensor], noise: Tensor,
+              paths: list[list[float]]) -> Tensor:
+    """Euler steps of `velocity(x, t, rows)` from each sample's noise along its path of schedule points (1.0 first),
+    to the path's last point: where a sampler's own earlier steps put the sample, not where noising the data does.
+    Each step runs only the rows still on their way; a path of [1.0] leaves the noise as it is."""
+    x = noise.float().clone()
+    for j in range(max(len(p) for p in paths) - 1):
+        rows = [i for i, p in enumerate(paths) if len(p) - 1 > j]
+        idx = torch.tensor(rows, device=x.device)
+        t = torch.tensor([paths[i][j] for i in rows], dtype=torch.float32, device=x.device)
+        t_next = torch.tensor([paths[i][j + 1] for i in rows], dtype=torch.float32, device=x.device)
+        x[idx] = x[idx] + _bcast(t_next - t, x) * velocity(x[idx], t, idx).float()
+    return x
+
+
 def fewstep_distillation_loss(v_student: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(v_student.float(), target.float())

@@ -240,15 +240,17 @@ class GuidanceStage(TransformerStage):
 
 class FewStepStage(TransformerStage):
     """FLUX.1 [schnell]-like: trajectory distillation onto the unshifted few-step schedule. At a schedule point t
-    (x_t from the data), one student Euler step to the next point t' must land where `teacher_substeps` Euler
-    steps of the guided teacher land: v_student(x_t, t) = (x_t' - x_t) / (t' - t)."""
+    (x_t from the data, or for a share `student_rollout` from the student's own steps), one student Euler step to
+    the next point t' must land where `teacher_substeps` Euler steps of the guided teacher land:
+    v_student(x_t, t) = (x_t' - x_t) / (t' - t)."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device):
         super().__init__(cfg, device)
         self.teacher = load_transformer(self.obj.teacher, dtype=torch.float32, device=device).requires_grad_(False)
-        # (start, end) of every step of every schedule the student learns, e.g. 4 steps: 1 -> .75 -> .5 -> .25 -> 0
-        self.segments = [(a, b) for n in self.obj.student_steps
-                         for a, b in zip(get_schedule(n, 0, shift=False)[:-1], get_schedule(n, 0, shift=False)[1:])]
+        # every step of every schedule the student learns, e.g. 4 steps: 1 -> .75 -> .5 -> .25 -> 0, as its
+        # schedule's points up to the step's start, and its end
+        self.segments = [(schedule[:k + 1], schedule[k + 1]) for n in self.obj.student_steps
+                         for schedule in [get_schedule(n, 0, shift=False)] for k in range(n)]
 
     def teacher_velocity(self, b: LatentBatch):
         g = self.obj.teacher_guidance
@@ -264,11 +266,19 @@ class FewStepStage(TransformerStage):
 
     def loss(self, model: Flux, b: LatentBatch, generator: torch.Generator) -> tuple[Tensor, dict]:
         pick = torch.randint(len(self.segments), (len(b),), generator=generator)
-        t = torch.tensor([self.segments[i][0] for i in pick], dtype=torch.float32, device=self.device)
+        t = torch.tensor([self.segments[i][0][-1] for i in pick], dtype=torch.float32, device=self.device)
         t_next = torch.tensor([self.segments[i][1] for i in pick], dtype=torch.float32, device=self.device)
         noise = _randn(b.x0.shape, generator, b.x0)
         x_t = objectives.interpolate(b.x0, noise, t)
         with torch.no_grad():
+            if self.obj.student_rollout > 0:  # (draws nothing more at 0: earlier recipes keep their streams)
+                own = (torch.rand(len(b), generator=generator) < self.obj.student_rollout).nonzero()[:, 0]
+                if len(own):
+                    paths = [self.segments[pick[i]][0] for i in own.tolist()]
+                    own = own.to(self.device)
+                    velocity = lambda x, t, rows: model(  # noqa: E731
+                        x, b.img_ids[own[rows]], b.txt[own[rows]], b.txt_ids[own[rows]], t, b.vec[own[rows]])
+                    x_t[own] = objectives.own_steps(velocity, noise[own], paths)
             target = objectives.jump_target(self.teacher_velocity(b), x_t, t, t_next, self.obj.teacher_substeps)
         v = model(x_t, b.img_ids, b.txt, b.txt_ids, t, b.vec)
         return objectives.fewstep_distillation_loss(v, target), {}
