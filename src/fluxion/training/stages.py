@@ -249,8 +249,10 @@ class FewStepStage(TransformerStage):
         self.teacher = load_transformer(self.obj.teacher, dtype=torch.float32, device=device).requires_grad_(False)
         # every step of every schedule the student learns, e.g. 4 steps: 1 -> .75 -> .5 -> .25 -> 0, as its
         # schedule's points up to the step's start, and its end
-        self.segments = [(schedule[:k + 1], schedule[k + 1]) for n in self.obj.student_steps
-                         for schedule in [get_schedule(n, 0, shift=False)] for k in range(n)]
+        self.segments = []
+        for n in self.obj.student_steps:
+            schedule = get_schedule(n, 0, shift=False)
+            self.segments += [(schedule[:k + 1], schedule[k + 1]) for k in range(n)]
 
     def teacher_velocity(self, b: LatentBatch):
         g = self.obj.teacher_guidance
