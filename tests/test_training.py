@@ -20,6 +20,7 @@ from fluxion.errors import CheckpointError
 from fluxion.model import Flux, FluxParams
 from fluxion.pipeline import Pipeline
 from fluxion.registry import resolve
+from fluxion.sampling import get_schedule
 from fluxion.training import ConfigError, TrainingDiverged, load_config, objectives, run
 from fluxion.training.batches import BatchStream, FeatureCache, cache_key
 from fluxion.training.checkpoint import CHECKPOINT, STATE_KEY
@@ -190,14 +191,15 @@ def test_fewstep_stage_distils_dev_into_a_guidance_free_student(root, ae_path, d
     teacher = str(dev_run / "model" / "transformer.safetensors")
     recipe = flux_recipe(root, ae_path, "schnell", "fewstep", "schnell", steps=2,
                          objective={"teacher": teacher, "teacher_substeps": 2, "student_steps": [1, 4],
-                                    "student_rollout": 0.5},
+                                    "student_rollout": 0.5, "shift": True},
                          model={"init_from": teacher, "init_guidance": 3.5})
+    recipe["export"]["defaults"]["shift"] = True  # sampled on the resolution-shifted schedule
     out = run(write_recipe(root / "schnell.toml", recipe))
     assert checkpoint_state(out)[1]["step"] == 2
     student = load_transformer(out / "model" / "transformer.safetensors")
     assert not student.params.guidance_embed
     manifest = json.loads((out / "model" / "fluxion.json").read_text())
-    assert manifest["variant"] == "schnell" and manifest["defaults"]["shift"] is False
+    assert manifest["variant"] == "schnell" and manifest["defaults"]["shift"] is True
 
 
 # -- resume, divergence ---------------------------------------------------------------------------------------------
@@ -391,6 +393,15 @@ def test_jump_target_matches_teacher_integration():
     exact = x * torch.exp((t_next**2 - t**2) / 2).view(-1, 1, 1)
     target = objectives.jump_target(linear, x, t, t_next, 2000)
     assert torch.allclose(x + (t_next - t).view(-1, 1, 1) * target, exact, atol=1e-4)
+
+
+def test_schedule_segments_are_the_sampler_schedules_steps():
+    unshifted = objectives.schedule_segments([1, 2], 16, shift=False)
+    assert unshifted == [([1.0], 0.0), ([1.0], 0.5), ([1.0, 0.5], 0.0)]
+    schedule = get_schedule(4, 16, shift=True)  # what the pipeline samples a shifted 4-step model on
+    shifted = objectives.schedule_segments([4], 16, shift=True)
+    assert [path for path, _ in shifted] == [schedule[:k + 1] for k in range(4)]
+    assert [end for _, end in shifted] == schedule[1:] and schedule[1] > 0.75
 
 
 def test_own_steps_take_each_sample_along_its_schedule_path_from_its_noise():

@@ -112,7 +112,9 @@ class FewStepObjective:
     teacher: str  # a dev model (distilled guidance) or a pro model (true CFG)
     teacher_guidance: float = 3.5  # the teacher's guidance (embedded for dev, CFG scale for pro)
     teacher_substeps: int = 4  # Euler steps of the teacher per student step
-    student_steps: list[int] = field(default_factory=lambda: [4])  # schedules the student learns (unshifted)
+    student_steps: list[int] = field(default_factory=lambda: [4])  # schedules the student learns
+    # the schedules carry the sampler's resolution-dependent shift (sampling's is export.defaults.shift)
+    shift: bool = False
     # share of samples whose x_t is where the student's own steps from pure noise land (sampling's inputs), not
     # the data noised to t; 0 = all from the data (the default, as every recipe before it)
     student_rollout: float = 0.0

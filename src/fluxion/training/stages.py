@@ -15,7 +15,7 @@ from ..data import ShapesDataset, collate
 from ..model import AutoEncoder, Flux
 from ..model.layers import timestep_embedding
 from ..pipeline import tensor_to_images
-from ..sampling import get_schedule, image_ids, pack, schedule_mu, text_ids
+from ..sampling import image_ids, pack, schedule_mu, text_ids
 from . import objectives
 from .batches import ENCODE_BATCH, BatchStream, FeatureCache, bucket_indices, load_or_build_feature_cache
 from .config import ConfigError, TrainConfig
@@ -239,20 +239,14 @@ class GuidanceStage(TransformerStage):
 
 
 class FewStepStage(TransformerStage):
-    """FLUX.1 [schnell]-like: trajectory distillation onto the unshifted few-step schedule. At a schedule point t
-    (x_t from the data, or for a share `student_rollout` from the student's own steps), one student Euler step to
-    the next point t' must land where `teacher_substeps` Euler steps of the guided teacher land:
-    v_student(x_t, t) = (x_t' - x_t) / (t' - t)."""
+    """FLUX.1 [schnell]-like: trajectory distillation onto the few-step schedule (unshifted, or with the sampler's
+    shift). At a schedule point t (x_t from the data, or for a share `student_rollout` from the student's own
+    steps), one student Euler step to the next point t' must land where `teacher_substeps` Euler steps of the
+    guided teacher land: v_student(x_t, t) = (x_t' - x_t) / (t' - t)."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device):
         super().__init__(cfg, device)
         self.teacher = load_transformer(self.obj.teacher, dtype=torch.float32, device=device).requires_grad_(False)
-        # every step of every schedule the student learns, e.g. 4 steps: 1 -> .75 -> .5 -> .25 -> 0, as its
-        # schedule's points up to the step's start, and its end
-        self.segments = []
-        for n in self.obj.student_steps:
-            schedule = get_schedule(n, 0, shift=False)
-            self.segments += [(schedule[:k + 1], schedule[k + 1]) for k in range(n)]
 
     def teacher_velocity(self, b: LatentBatch):
         g = self.obj.teacher_guidance
@@ -267,16 +261,17 @@ class FewStepStage(TransformerStage):
         return velocity
 
     def loss(self, model: Flux, b: LatentBatch, generator: torch.Generator) -> tuple[Tensor, dict]:
-        pick = torch.randint(len(self.segments), (len(b),), generator=generator)
-        t = torch.tensor([self.segments[i][0][-1] for i in pick], dtype=torch.float32, device=self.device)
-        t_next = torch.tensor([self.segments[i][1] for i in pick], dtype=torch.float32, device=self.device)
+        segments = objectives.schedule_segments(self.obj.student_steps, b.x0.shape[1], shift=self.obj.shift)
+        pick = torch.randint(len(segments), (len(b),), generator=generator)
+        t = torch.tensor([segments[i][0][-1] for i in pick], dtype=torch.float32, device=self.device)
+        t_next = torch.tensor([segments[i][1] for i in pick], dtype=torch.float32, device=self.device)
         noise = _randn(b.x0.shape, generator, b.x0)
         x_t = objectives.interpolate(b.x0, noise, t)
         with torch.no_grad():
             if self.obj.student_rollout > 0:  # (draws nothing more at 0: earlier recipes keep their streams)
                 own = (torch.rand(len(b), generator=generator) < self.obj.student_rollout).nonzero()[:, 0]
                 if len(own):
-                    paths = [self.segments[pick[i]][0] for i in own.tolist()]
+                    paths = [segments[pick[i]][0] for i in own.tolist()]
                     own = own.to(self.device)
                     velocity = lambda x, t, rows: model(  # noqa: E731
                         x, b.img_ids[own[rows]], b.txt[own[rows]], b.txt_ids[own[rows]], t, b.vec[own[rows]])
