@@ -343,6 +343,7 @@ def test_shipped_recipes_parse_and_fit_the_size_budget():
     for path in stages + experiments:
         cfg = load_config(path)
         assert cfg.run.name == path.stem or path in experiments
+        assert not (path in experiments and cfg.export.dir), f"{path} would export over a shipped model"
         if not cfg.is_vae:
             params = sum(p.numel() for p in Flux(cfg.model_params()).parameters())
             assert params * 2 <= 25e6 - 6.5e6  # bf16 transformer beside the bf16 tiny VAE (3.0M parameters)
