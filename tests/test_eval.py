@@ -36,6 +36,7 @@ from fluxion.eval import (
     relative_position,
     run_eval,
     score_entry,
+    summarize,
     write_report,
 )
 from fluxion.eval.detect import label_components
@@ -286,6 +287,16 @@ def test_report_marks_failures_red(tmp_path):
     green, red = (40, 170, 60), (210, 40, 40)
     assert (sheet == green).all(-1).sum() > 400 and (sheet == red).all(-1).sum() > 400
     assert results["per_tag"][entry["tag"]]["accuracy"] == 0.5
+    assert results["overall_se"] == pytest.approx(np.sqrt(0.5 * 0.5 / 2))  # one tag, 2 images: binomial
+
+
+def test_overall_standard_error_is_the_binomial_one_of_the_mean_of_tags():
+    records = [{"entry": i, "tag": tag, "correct": ok, "held_out": False}
+               for i, (tag, ok) in enumerate([("a", True)] * 3 + [("a", False)] + [("b", True)] * 2)]
+    results = summarize(records)
+    assert results["overall"] == pytest.approx((0.75 + 1.0) / 2)
+    assert results["overall_se"] == pytest.approx(np.sqrt(0.75 * 0.25 / 4 + 0.0) / 2)
+    assert "standard error 0.108" in format_table(results)
 
 
 def test_load_spec_errors(tmp_path):

@@ -102,7 +102,7 @@ def format_table(results: dict) -> str:
     for tag, t in results["per_tag"].items():
         lines.append(f"{tag:<16}{t['accuracy']:>10.2%}{t['correct']:>6} / {t['total']}")
     lines.append("-" * 36)
-    lines.append(f"{'overall':<16}{results['overall']:>10.4f}")
+    lines.append(f"{'overall':<16}{results['overall']:>10.4f}  (standard error {results['overall_se']:.3f})")
     held = results["held_out"]
     if held["total"]:
         lines.append(f"{'held_out pairs':<16}{held['accuracy']:>10.2%}{held['correct']:>6} / {held['total']}")

@@ -133,7 +133,10 @@ def color_binding(entry: dict, detections: Sequence[Detection]) -> str | None:
 
 
 def summarize(records: Sequence[dict]) -> dict:
-    """Per-tag accuracy (mean over images), overall = mean over tags, and the held-out-pair subset."""
+    """Per-tag accuracy (mean over images), overall = mean over tags, its standard error, and the held-out-pair
+    subset. The standard error treats each image as an independent pass/fail draw (binomial per tag): what the
+    overall score would scatter by under other seeds for the same prompts; two scores from different seeds differ
+    by about 1.4 of it by chance."""
     per_tag: dict[str, dict] = {}
     for r in records:   # tags in order of first appearance, as GenEval's groupby(sort=False)
         t = per_tag.setdefault(r["tag"], {"correct": 0, "total": 0})
@@ -146,8 +149,11 @@ def summarize(records: Sequence[dict]) -> dict:
     for r in records:
         by_prompt[r["entry"]] = by_prompt.get(r["entry"], False) or r["correct"]
     binding = {k: sum(r.get("binding") == k for r in records) for k in ("bound", "swapped", "neither")}
+    tags = per_tag.values()
     return {
-        "overall": float(np.mean([t["accuracy"] for t in per_tag.values()])) if per_tag else 0.0,
+        "overall": float(np.mean([t["accuracy"] for t in tags])) if per_tag else 0.0,
+        "overall_se": float(np.sqrt(sum(t["accuracy"] * (1 - t["accuracy"]) / t["total"] for t in tags))
+                            / len(per_tag)) if per_tag else 0.0,
         "per_tag": per_tag,
         "held_out": {"correct": sum(r["correct"] for r in held), "total": len(held),
                      "accuracy": sum(r["correct"] for r in held) / len(held) if held else None},
