@@ -36,7 +36,7 @@ def test_default_model_is_shipped():
     assert DEFAULT_MODEL in SHIPPED and (BUILTIN_MODELS / DEFAULT_MODEL).is_dir()
 
 
-# Floors well under each model's score on this slice (tiny-pro 0.49, tiny-dev 0.62, tiny-schnell 0.73, from the
+# Floors well under each model's score on this slice (tiny-pro 0.83, tiny-dev 0.75, tiny-schnell 0.79, from the
 # README's full-eval results.json; 32 images make a noisy slice): they catch a broken model or pipeline (an
 # untrained model scores ~0), not a small regression.
 @pytest.mark.parametrize("name,steps,floor", [("tiny-pro", 20, 0.35), ("tiny-dev", 20, 0.3), ("tiny-schnell", 4, 0.25)])
