@@ -1,15 +1,31 @@
-"""The `fluxion` command: generate, info, convert, eval, train."""
+"""The `fluxion` command: generate, models, info, convert, eval, train."""
 
 import argparse
 import json
 import logging
+import os
+import re
 import sys
+import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import FluxionError
+from . import __version__
+from .errors import FluxionError, InputError, ModelNotFoundError
 from .registry import DEFAULT_MODEL
 
 log = logging.getLogger("fluxion")
+
+# Bad usage (a wrong option, file or model name) exits 2, as argparse does; anything else that fails exits 1.
+USAGE_ERRORS = (InputError, ModelNotFoundError)
+INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage in one line (no usage block) and exits 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _generate_parser(sub) -> None:
@@ -35,79 +51,149 @@ def _generate_parser(sub) -> None:
     i2i.add_argument("--init-image", type=Path)
     i2i.add_argument("--strength", type=float, help="how much of the init image to regenerate, in (0, 1]")
     i2i.add_argument("--mask", type=Path, help="white = regenerate (needs --init-image)")
+    limits = p.add_argument_group("limits")
+    limits.add_argument("--allow-any-size", action="store_true",
+                        help="allow sizes outside the model's supported range (warns, with a time estimate)")
+    limits.add_argument("--max-memory", help="memory budget for weights and work, e.g. 8GB (default: what the "
+                                             "device has available)")
+    limits.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode in tiles (default: only when the whole image would not fit)")
     out = p.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=Path("fluxion.png"),
-                     help="output PNG; with several images, -<n> is added before the suffix")
+    out.add_argument("--out", default="fluxion.png",
+                     help="a .png file (several images: -<n> before the suffix), or a folder (an existing one, a "
+                          "path ending in / or without a suffix): <prompt>-<seed>.png, never overwriting")
     out.add_argument("--from-image", type=Path, help="reproduce a PNG written by fluxion (flags given override)")
 
 
+# generate's flags, by the name GenerationRequest and the image record give them
+_RECORD_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "model": "model",
+                 "num_inference_steps": "steps", "guidance_scale": "guidance", "true_cfg_scale": "true_cfg",
+                 "width": "width", "height": "height", "init_image": "init_image", "strength": "strength",
+                 "mask_image": "mask", "sigmas": "sigmas", "dtype": "dtype", "device": "device"}
+
+
 def _resolve_generate_args(args) -> dict:
-    """Merge --from-image settings with explicit flags into one dict of settings."""
+    """Merge --from-image settings with explicit flags into one dict of settings, keyed by flag."""
     from .metadata import read_settings
 
     s = {}
     if args.from_image:
-        rec = read_settings(args.from_image)
-        s = dict(prompt=rec.prompt, negative_prompt=rec.negative_prompt, model=rec.model, steps=rec.num_inference_steps,
-                 guidance=rec.guidance_scale, true_cfg=rec.true_cfg_scale, seed=[rec.seed], width=rec.width,
-                 height=rec.height, init_image=rec.init_image, strength=rec.strength, mask=rec.mask_image,
-                 sigmas=rec.sigmas, dtype=rec.dtype, device=rec.device)
-    for key in ("prompt", "negative_prompt", "model", "steps", "guidance", "true_cfg", "seed", "width", "height",
-                "init_image", "strength", "mask", "sigmas", "dtype", "device", "num_images"):
+        record = read_settings(args.from_image)
+        s = {flag: getattr(record, name) for name, flag in _RECORD_FLAGS.items()}
+        s["seed"] = [record.seed]
+    for key in (*_RECORD_FLAGS.values(), "seed", "num_images"):
         value = getattr(args, key)
         if value is not None:
             s[key] = value
-    prompts = [s["prompt"]] if s.get("prompt") else []
+    prompts = [s["prompt"]] if s.get("prompt") is not None else []
     if args.prompt_file:
         if not args.prompt_file.is_file():
-            raise FluxionError(f"--prompt-file: no such file {args.prompt_file}")
-        prompts += [line.strip() for line in args.prompt_file.read_text().splitlines() if line.strip()]
+            raise InputError(f"--prompt-file: no such file {args.prompt_file}")
+        try:
+            lines = args.prompt_file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise InputError(f"--prompt-file: {args.prompt_file} is not UTF-8 text ({e})") from None
+        prompts += [line.strip() for line in lines if line.strip()]
     if not prompts:
-        raise FluxionError("give a PROMPT, --prompt-file or --from-image")
+        raise InputError("give a PROMPT, --prompt-file or --from-image")
     s["prompts"] = prompts
     return s
 
 
-def _output_paths(out: Path, n: int) -> list[Path]:
-    if n == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(n)]
+def generation_request(s: dict, args):
+    """The checked request for generate's settings: every refusal names the flag, before any model loads."""
+    from .settings import GenerationRequest
+
+    seeds, num_images = s.get("seed"), s.get("num_images")
+    if seeds and len(seeds) > 1:  # one image per seed per prompt
+        if num_images not in (None, len(seeds)):
+            raise InputError(f"num_images_per_prompt (--num-images): {num_images} conflicts with the {len(seeds)} "
+                             "seeds given (one image per seed)")
+        num_images, seeds = len(seeds), seeds * len(s["prompts"])
+    elif seeds:
+        seeds = seeds[0]
+    return GenerationRequest(
+        prompt=s["prompts"], negative_prompt=s.get("negative_prompt"), height=s.get("height"), width=s.get("width"),
+        num_inference_steps=s.get("steps"), guidance_scale=s.get("guidance"), true_cfg_scale=s.get("true_cfg"),
+        seed=seeds, num_images_per_prompt=1 if num_images is None else num_images, image=s.get("init_image"),
+        strength=1.0 if s.get("strength") is None else s["strength"], mask_image=s.get("mask"),
+        sigmas=s.get("sigmas"), max_memory=args.max_memory,
+        # reproducing an image at its recorded size: that size was accepted when the image was made
+        allow_any_size=args.allow_any_size or bool(args.from_image and args.width is None and args.height is None))
+
+
+@dataclass
+class OutputTarget:
+    """Where generate writes: one PNG path (several images numbered -<n>), or a folder of <slug>-<seed>.png
+    files that never replace an earlier run's."""
+
+    path: Path
+    folder: bool
+
+    @classmethod
+    def parse(cls, raw: str) -> "OutputTarget":
+        path = Path(raw)
+        if raw.endswith(("/", os.sep)) or path.is_dir() or not path.suffix:
+            if path.exists() and not path.is_dir():
+                raise InputError(f"--out: {path} exists and is not a folder")
+            return cls(path, folder=True)
+        if path.suffix.lower() != ".png":
+            raise InputError(f"--out: expected a .png file or a folder, got {raw!r} (fluxion writes PNG, whose "
+                             "text chunk keeps the settings)")
+        if path.parent.exists() and not path.parent.is_dir():
+            raise InputError(f"--out: {path.parent} is not a folder")
+        return cls(path, folder=False)
+
+    def name(self, index: int, count: int, prompt: str, seed: int) -> Path:
+        if self.folder:
+            return self.path / f"{slug(prompt)}-{seed}.png"
+        if count == 1:
+            return self.path
+        return self.path.with_name(f"{self.path.stem}-{index}{self.path.suffix}")
+
+
+def slug(text: str, limit: int = 60) -> str:
+    """A file-name-safe rendering of a prompt: ASCII letters and digits joined by '-', at most `limit` long."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    words = re.findall(r"[a-z0-9]+", ascii_text.lower())
+    return "-".join(words)[:limit].strip("-") or "image"
 
 
 def cmd_generate(args) -> None:
-    from PIL import Image
-
     from .metadata import GenerationSettings, PNG_KEY, save_png
     from .pipeline import Pipeline
 
+    target = OutputTarget.parse(args.out)
     s = _resolve_generate_args(args)
-    seeds = s.get("seed")
-    num_images = s.get("num_images")
-    if seeds and len(seeds) > 1 and num_images not in (None, len(seeds)):
-        raise FluxionError(f"--num-images {num_images} conflicts with {len(seeds)} seeds (one image per seed)")
-    per_prompt = len(seeds) if seeds and len(seeds) > 1 else (num_images or 1)
-    if seeds is None:
-        seed_list = None
-    elif len(seeds) > 1:
-        seed_list = seeds * len(s["prompts"])
-    else:
-        seed_list = [seeds[0] + i for i in range(per_prompt * len(s["prompts"]))]
-
+    request = generation_request(s, args)
     pipe = Pipeline.from_pretrained(s.get("model") or DEFAULT_MODEL, device=s.get("device"), dtype=s.get("dtype"))
-    init = Image.open(s["init_image"]) if s.get("init_image") else None
-    mask = Image.open(s["mask"]) if s.get("mask") else None
-    images = pipe(
-        s["prompts"], negative_prompt=s.get("negative_prompt"), height=s.get("height"), width=s.get("width"),
-        num_inference_steps=s.get("steps"), guidance_scale=s.get("guidance"), true_cfg_scale=s.get("true_cfg"),
-        seed=seed_list, num_images_per_prompt=per_prompt, image=init, strength=s.get("strength") or 1.0,
-        mask_image=mask, sigmas=s.get("sigmas"), progress=True,
-    )
-    for image, path in zip(images, _output_paths(args.out, len(images))):
+    images = (image for batch in pipe.generate_batches(request, progress=True, vae_tiling=args.vae_tiling)
+              for image in batch)
+    for i, image in enumerate(images):  # saved as each batch finishes: Ctrl-C keeps the images already made
         settings = GenerationSettings.from_json(image.info[PNG_KEY])
-        settings.init_image = str(s["init_image"]) if s.get("init_image") else None
-        settings.mask_image = str(s["mask"]) if s.get("mask") else None
-        save_png(image, path, settings)
-        print(f"{path}  seed={settings.seed}")
+        path = target.name(i, request.num_images, settings.prompt, settings.seed)
+        path = save_png(image, path, settings, overwrite=not target.folder)
+        print(f"{path}  seed={settings.seed}", flush=True)
+
+
+def cmd_models(args) -> None:
+    from .registry import list_models
+
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print("no models found (built-in folder empty, nothing under $FLUXION_HOME)")
+        return
+    header = ("name", "source", "variant", "layout", "parameters", "size", "path")
+    table = [header] + [(r["name"], r["source"], r.get("variant") or "?", r.get("layout") or "?",
+                         f"{r['parameters'] / 1e6:.1f}M" if r.get("parameters") else "?",
+                         f"{r['bytes'] / 1e6:.1f} MB", r["path"] + (f"  ({r['error']})" if r.get("error") else ""))
+                        for r in rows]
+    widths = [max(len(row[c]) for row in table) for c in range(len(header) - 1)]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
 
 
 def describe(path: Path) -> dict:
@@ -156,31 +242,47 @@ def cmd_convert(args) -> None:
 def cmd_eval(args) -> None:
     from .eval import format_table, run_eval
     from .pipeline import Pipeline
+    from .settings import GenerationRequest, integer
 
+    images_per_prompt = integer("images_per_prompt", args.images_per_prompt, 1, 1000)
+    seed = integer("seed", args.seed, 0, 2**62)
+    GenerationRequest(prompt="check", num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      true_cfg_scale=args.true_cfg)  # refuse bad settings before the model loads
+    if not args.spec.is_file():
+        raise InputError(f"--spec: no such file {args.spec}")
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
 
     def generate(prompts, seeds):
         return pipe(prompts, seed=seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
                     true_cfg_scale=args.true_cfg)
 
-    results = run_eval(generate, args.spec, args.images_per_prompt, args.out, seed=args.seed)
+    results = run_eval(generate, args.spec, images_per_prompt, args.out, seed=seed)
     print(format_table(results))
     print(f"generation: {1000 * results['seconds_per_image']:.1f} ms per image, in batches of "
-          f"{args.images_per_prompt}; report: {args.out}/results.json and contact sheets")
+          f"{images_per_prompt}; report: {args.out}/results.json and contact sheets")
 
 
 def cmd_train(args) -> None:
+    from .settings import integer
     from .training import run
 
-    out = run(args.config, resume=not args.no_resume, max_steps=args.max_steps)
+    max_steps = None if args.max_steps is None else integer("max_steps", args.max_steps, 1, 10**9)
+    if not args.config.is_file():
+        raise InputError(f"config: no such recipe {args.config}")
+    out = run(args.config, resume=not args.no_resume, max_steps=max_steps)
     print(f"run folder: {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fluxion", description="FLUX.1 text-to-image, in pure PyTorch")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = Parser(prog="fluxion", description="FLUX.1 text-to-image, in pure PyTorch")
+    parser.add_argument("--version", action="version", version=f"fluxion {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+
+    p = sub.add_parser("models", help="list the models fluxion can find (built-in and under $FLUXION_HOME)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser("info", help="describe a checkpoint: variant, parameters, dtypes, keys")
     p.add_argument("checkpoint", type=Path)
@@ -209,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info, "convert": cmd_convert, "eval": cmd_eval,
-            "train": cmd_train}
+COMMANDS = {"generate": cmd_generate, "models": cmd_models, "info": cmd_info, "convert": cmd_convert,
+            "eval": cmd_eval, "train": cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,11 +320,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         COMMANDS[args.command](args)
-    except (FluxionError, FileNotFoundError, ValueError) as e:
-        if args.verbose:
+    except KeyboardInterrupt:
+        if args.debug:
             raise
-        print(f"fluxion {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        print(f"fluxion {args.command}: interrupted (no partial file was left)", file=sys.stderr)
+        return INTERRUPTED
+    except Exception as e:  # one line for the user; the traceback with --debug
+        if args.debug:
+            raise
+        known = isinstance(e, (FluxionError, OSError))
+        message = " ".join(str(e).split()) or type(e).__name__
+        kind = "error" if known else f"internal error ({type(e).__name__})"
+        hint = "" if known else "; run with --debug for the traceback"
+        print(f"fluxion {args.command}: {kind}: {message}{hint}", file=sys.stderr)
+        return 2 if isinstance(e, USAGE_ERRORS) else 1
     return 0
 
 

@@ -8,9 +8,29 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "fp16": torch.float16, "float16": torch.float16}
 
 
+def available_devices() -> list[str]:
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if device is not None and str(device) != "auto":
-        return torch.device(device)
+        try:
+            chosen = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise InputError(f"device (--device): expected one of {', '.join(available_devices())} or 'auto', "
+                             f"got {device!r}") from None
+        usable = {"cpu": True, "cuda": torch.cuda.is_available(),
+                  "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+        if not usable.get(chosen.type, False) or (
+                chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count()):
+            raise InputError(f"device (--device): {str(device)!r} is not available on this machine; available: "
+                             f"{', '.join(available_devices())}")
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -25,7 +45,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if device.type in ("cuda", "mps") else torch.float32
     if dtype not in DTYPES:
-        raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise InputError(f"dtype (--dtype): expected one of {', '.join(sorted(DTYPES))}, got {dtype!r}")
     return DTYPES[dtype]
 
 

@@ -15,3 +15,7 @@ class ModelNotFoundError(FluxionError, FileNotFoundError):
 
 class InputError(FluxionError, ValueError):
     """A user-supplied argument is invalid (size, strength, image, ...)."""
+
+
+class ModelFolderError(FluxionError, ValueError):
+    """A model folder's JSON description (fluxion.json, model_index.json, a config) is unreadable or incomplete."""

@@ -1,6 +1,7 @@
 """Text-to-image pipeline: prompts -> conditioning -> noise -> Euler sampling -> VAE decode -> PIL images."""
 
 import logging
+import os
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,9 +14,12 @@ from torch import Tensor
 from . import sampling
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import InputError
+from .memory import (MEMORY_HEADROOM, MemoryEstimate, available_memory, estimate_memory, gib, job_flops,
+                     matmul_flops_per_second)
 from .metadata import PNG_KEY, GenerationSettings
 from .model import AutoEncoder, Flux
 from .registry import DEFAULT_MODEL, resolve
+from .settings import GenerationRequest, SizeRange, label
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +32,11 @@ class VariantDefaults:
     shift: bool  # resolution-dependent schedule shift
     size: int = 1024  # default height and width
 
+
+# The share of the matmul pace (memory.matmul_flops_per_second) a whole job keeps (attention, norms and the VAE's
+# convolutions run below the GEMM peak): 0.45-0.8 measured with tiny-schnell at 256-1024 px and tiny-pro at 512 px
+# on the 2-core CPU.
+JOB_EFFICIENCY = 0.5
 
 RANDOM_MODEL = "random-tiny"  # built from a seed, never trained: see Pipeline.random_tiny
 
@@ -53,21 +62,39 @@ def tensor_to_images(x: Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in x]
 
 
-def _as_list(value, n: int, name: str) -> list:
-    if value is None or isinstance(value, str):
-        return [value] * n
-    value = list(value)
-    if len(value) != n:
-        raise InputError(f"{name}: got {len(value)} entries for {n} prompts")
-    return value
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+@dataclass
+class Job:
+    """A request resolved against a model: what runs, image by image, and in batches of what size."""
+
+    height: int
+    width: int
+    steps: int
+    guidance: float | None
+    true_cfg: float
+    use_cfg: bool
+    prompts: list[str]  # one per output image
+    negatives: list[str | None]
+    seeds: list[int]
+    batch_size: int = 1
+    tiled: bool = False
+
+    @property
+    def num_images(self) -> int:
+        return len(self.prompts)
 
 
 class Pipeline:
     """A FLUX model with its autoencoder and text encoder, ready to generate images."""
 
     def __init__(self, transformer: Flux, autoencoder: AutoEncoder, text_encoder, *, variant: str | None = None,
-                 name: str = "custom", defaults: dict | None = None, text_positions: bool = False, device=None,
-                 dtype=None):
+                 name: str = "custom", defaults: dict | None = None, text_positions: bool = False,
+                 sizes: SizeRange | None = None, device=None, dtype=None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.transformer = transformer.to(self.device, self.dtype).eval()
@@ -81,6 +108,7 @@ class Pipeline:
         if defaults:
             self.defaults = VariantDefaults(**{**self.defaults.__dict__, **defaults})
         self.name = name
+        self.sizes = sizes  # the sizes the model supports (None: any multiple of 16)
         self.text_positions = text_positions  # number the prompt's tokens in RoPE (sampling.text_ids)
 
     @classmethod
@@ -115,7 +143,8 @@ class Pipeline:
         variant = files.variant or ("dev" if transformer.params.guidance_embed else "schnell")
         text_encoder = load_text_encoder(files, variant=variant, dtype=dtype, device=device)
         return cls(transformer, autoencoder, text_encoder, variant=variant, name=files.name,
-                   defaults=files.defaults, text_positions=files.text_positions, device=device, dtype=dtype)
+                   defaults=files.defaults, text_positions=files.text_positions, sizes=files.sizes, device=device,
+                   dtype=dtype)
 
     # -- pieces, usable one by one ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -134,17 +163,36 @@ class Pipeline:
         latents = latents.to(self.device, self.dtype)
         return self.autoencoder.decode_tiled(latents) if tiled else self.autoencoder.decode(latents)
 
-    def check_size(self, height: int, width: int) -> None:
+    def check_size(self, height: int, width: int, allow_any_size: bool = False) -> None:
+        """Refuse sizes the model cannot take (not a multiple of 16) or was not made for (outside `self.sizes`)."""
         multiple = 2 * self.autoencoder.downsample_factor
         for name, value in (("height", height), ("width", width)):
             if value <= 0 or value % multiple:
                 lower = max(multiple, value // multiple * multiple)
-                raise InputError(f"{name}={value} must be a positive multiple of {multiple} "
-                                 f"(the VAE down-samples by {multiple // 2}, then tokens pack 2x2); "
-                                 f"try {lower} or {lower + multiple}")
+                raise InputError(f"{label(name)}: expected a positive multiple of {multiple} (the VAE down-samples "
+                                 f"by {multiple // 2}, then tokens pack 2x2), got {value}; try {lower} or "
+                                 f"{lower + multiple}")
+        if self.sizes is None or self.sizes.contains(height, width):
+            return
+        if not allow_any_size:
+            raise InputError(f"width x height (--width, --height): {self.name} supports {self.sizes.describe()}, "
+                             f"got {width}x{height}; pass allow_any_size=True (--allow-any-size) to try it anyway")
+        log.warning("%dx%d is outside the sizes %s supports (%s): expect poorer images", width, height, self.name,
+                    self.sizes.describe())
+
+    def estimate_memory(self, height: int, width: int, batch: int, cfg: bool = False,
+                        tiled: bool = False) -> MemoryEstimate:
+        return estimate_memory(self.transformer, self.autoencoder, self.text_encoder, height=height, width=width,
+                               batch=batch, text_tokens=self.text_encoder.max_length, cfg=cfg, tiled=tiled)
+
+    def estimate_seconds(self, height: int, width: int, batch: int, steps: int, cfg: bool = False) -> float:
+        """A rough time for a job: its FLOPs at the pace this device's matrix multiply reaches, over the share of
+        that pace a whole job keeps (measured on the CPU: JOB_EFFICIENCY)."""
+        flops = job_flops(self.transformer, self.autoencoder, height=height, width=width, batch=batch, steps=steps,
+                          text_tokens=self.text_encoder.max_length, cfg=cfg)
+        return flops / (matmul_flops_per_second(self.device, self.dtype) * JOB_EFFICIENCY)
 
     # -- the call ----------------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def __call__(
         self,
         prompt: str | Sequence[str],
@@ -156,117 +204,215 @@ class Pipeline:
         true_cfg_scale: float | None = None,
         seed: int | Sequence[int] | None = None,
         num_images_per_prompt: int = 1,
-        image: Image.Image | None = None,
+        image: Image.Image | str | os.PathLike | None = None,
         strength: float = 1.0,
-        mask_image: Image.Image | None = None,
+        mask_image: Image.Image | str | os.PathLike | None = None,
         sigmas: Sequence[float] | None = None,
         callback: sampling.StepCallback | None = None,
         latents: Tensor | None = None,
         output_type: str = "pil",
         progress: bool = False,
+        allow_any_size: bool = False,
+        max_memory: int | str | None = None,
+        vae_tiling: bool | None = None,
     ):
         """Generate images; returns PIL images (each with its settings in `.info["fluxion"]`), or the final
-        latents (B, 16, H/8, W/8) with output_type="latent"."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise InputError("prompt must be a string or a non-empty list of strings")
-        if num_images_per_prompt < 1:
-            raise InputError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        if output_type not in ("pil", "latent", "pt"):
-            raise InputError(f"output_type must be 'pil', 'latent' or 'pt', got {output_type!r}")
-        negatives = _as_list(negative_prompt, len(prompts), "negative_prompt")
-        if height is None:
-            height = image.height if image is not None else self.defaults.size
-        if width is None:
-            width = image.width if image is not None else self.defaults.size
-        self.check_size(height, width)
-        if not 0.0 < strength <= 1.0:
-            raise InputError(f"strength must be in (0, 1], got {strength}")
-        if mask_image is not None and image is None:
-            raise InputError("mask_image needs `image`: inpainting regenerates the masked part of a source image")
-        if image is None and strength != 1.0:
-            raise InputError("strength < 1 needs `image` (image-to-image starts from a noised source image)")
+        latents (B, 16, H/8, W/8) with output_type="latent", or pixels (B, 3, H, W) in [-1, 1] with "pt".
+        Every argument is checked first (settings.GenerationRequest): bad input raises InputError naming it."""
+        request = GenerationRequest(
+            prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
+            seed=seed, num_images_per_prompt=num_images_per_prompt, image=image, strength=strength,
+            mask_image=mask_image, sigmas=sigmas, output_type=output_type, allow_any_size=allow_any_size,
+            max_memory=max_memory)
+        return self.generate(request, callback=callback, latents=latents, progress=progress, vae_tiling=vae_tiling)
 
-        steps = num_inference_steps or self.defaults.num_inference_steps
-        guidance = guidance_scale if guidance_scale is not None else self.defaults.guidance_scale
-        true_cfg = true_cfg_scale if true_cfg_scale is not None else self.defaults.true_cfg_scale
+    def plan(self, request: GenerationRequest, vae_tiling: bool | None = None) -> Job:
+        """Resolve the request against this model: defaults, size checks, the schedule, and batches that fit in
+        memory. Raises InputError before any work is done."""
+        r = request
+        height, width = r.height, r.width
+        if r.image is not None:  # the source image's size, down to the nearest multiple the model takes
+            multiple = 2 * self.autoencoder.downsample_factor
+            height = height or max(multiple, r.image.height // multiple * multiple)
+            width = width or max(multiple, r.image.width // multiple * multiple)
+        height, width = height or self.defaults.size, width or self.defaults.size
+        self.check_size(height, width, r.allow_any_size)
+
+        guidance = r.guidance_scale if r.guidance_scale is not None else self.defaults.guidance_scale
+        if r.guidance_scale is not None and not self.transformer.params.guidance_embed:
+            log.warning("guidance_scale is ignored: %s has no guidance input (use true_cfg_scale for real CFG)",
+                        self.name)
+        true_cfg = r.true_cfg_scale if r.true_cfg_scale is not None else self.defaults.true_cfg_scale
+        negatives = list(r.negative_prompt)
         if self.variant == "pro" and true_cfg != 1.0:
             negatives = [n if n is not None else "" for n in negatives]  # the teacher's CFG: against the empty prompt
         use_cfg = true_cfg != 1.0 and any(n is not None for n in negatives)
         if use_cfg:
             negatives = [n if n is not None else "" for n in negatives]
+        elif true_cfg != 1.0:
+            log.warning("true_cfg_scale=%g is ignored without a negative_prompt (--negative-prompt)", true_cfg)
 
-        # one entry per output image: prompt p, copy k -> index p*K + k
-        K = num_images_per_prompt
-        batch_prompts = [p for p in prompts for _ in range(K)]
-        batch_negatives = [n for n in negatives for _ in range(K)]
-        seeds = self._seeds(seed, len(batch_prompts))
+        if r.sigmas is not None:
+            steps = len(r.sigmas)
+        else:
+            steps = r.num_inference_steps or self.defaults.num_inference_steps
 
-        lat_h, lat_w = height // self.autoencoder.downsample_factor, width // self.autoencoder.downsample_factor
+        K = r.num_images_per_prompt  # one entry per output image: prompt p, copy k -> index p*K + k
+        job = Job(height=height, width=width, steps=steps, guidance=guidance, true_cfg=true_cfg, use_cfg=use_cfg,
+                  prompts=[p for p in r.prompt for _ in range(K)], negatives=[n for n in negatives for _ in range(K)],
+                  seeds=self._seeds(r.seed, r.num_images))
+        self._fit_in_memory(job, r.max_memory, vae_tiling)
+        if r.allow_any_size and self.sizes is not None and not self.sizes.contains(height, width):
+            seconds = self.estimate_seconds(height, width, job.num_images, steps, use_cfg)
+            log.warning("estimated time for %d image(s) at %dx%d: about %s on %s", job.num_images, width, height,
+                        _duration(seconds), self.device)
+        return job
+
+    def _fit_in_memory(self, job: Job, max_memory: int | None, vae_tiling: bool | None) -> None:
+        """Choose the batch size (and VAE tiling, when not forced) so the job's peak fits the budget: max_memory
+        for weights + work, else the memory still available on the device for the work."""
+        tiling_options = [vae_tiling] if vae_tiling is not None else [job.height * job.width > 2048 * 2048, True]
+        if max_memory is not None:
+            budget, counted = max_memory, "total"
+            where = f"the max_memory (--max-memory) budget of {gib(max_memory)}"
+        else:
+            available = available_memory(self.device)
+            budget, counted = int(available * MEMORY_HEADROOM), "working"
+            where = f"{gib(budget)} usable on {self.device} ({MEMORY_HEADROOM:.0%} of the {gib(available)} available)"
+
+        def need(batch: int, tiled: bool) -> int:
+            return getattr(self.estimate_memory(job.height, job.width, batch, job.use_cfg, tiled), counted)
+
+        for tiled in dict.fromkeys(tiling_options):  # untiled first unless forced: tiling costs time
+            if need(1, tiled) <= budget:
+                lo, hi = 1, job.num_images  # largest batch that fits (the estimate grows with the batch)
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    lo, hi = (mid, hi) if need(mid, tiled) <= budget else (lo, mid - 1)
+                job.batch_size, job.tiled = lo, tiled
+                if lo < job.num_images:
+                    log.info("running %d images in batches of %d to fit %s", job.num_images, lo, where)
+                return
+        tiled = tiling_options[-1]
+        est = self.estimate_memory(job.height, job.width, 1, job.use_cfg, tiled)
+        advice = []
+        fitting = self._largest_fitting_size(job, lambda h, w: getattr(
+            self.estimate_memory(h, w, 1, job.use_cfg, tiled), counted) <= budget)
+        if fitting:
+            advice.append(f"a smaller size (up to about {fitting[1]}x{fitting[0]} at this aspect ratio)")
+        if est.vae >= est.transformer and not tiled:
+            advice.append("VAE tiling (vae_tiling=True, --vae-tiling)")
+        if self.dtype == torch.float32:
+            advice.append("bf16 (dtype='bf16', --dtype bf16), about half the activations")
+        if max_memory is not None:
+            advice.append("a larger max_memory (--max-memory)")
+        parts = f"transformer {gib(est.transformer)}, VAE decode {gib(est.vae)}, overhead {gib(est.overhead)}"
+        needs = (f"{gib(est.total)} in all (weights {gib(est.weights)}, {parts})" if max_memory is not None else
+                 f"{gib(est.working)} beyond its {gib(est.weights)} of loaded weights ({parts})")
+        raise InputError(f"one {job.width}x{job.height} image needs about {needs}, more than {where}; try "
+                         + ", or ".join(advice))
+
+    def _largest_fitting_size(self, job: Job, fits) -> tuple[int, int] | None:
+        """The largest (height, width) at the job's aspect ratio, in multiples of 16, that `fits`."""
+        multiple = 2 * self.autoencoder.downsample_factor
+
+        def size(scale: float) -> tuple[int, int]:
+            return (max(multiple, int(job.height * scale) // multiple * multiple),
+                    max(multiple, int(job.width * scale) // multiple * multiple))
+
+        if not fits(*size(0.0)):
+            return None
+        lo, hi = 0.0, 1.0
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if fits(*size(mid)) else (lo, mid)
+        return size(lo)
+
+    def generate(self, request: GenerationRequest, *, callback: sampling.StepCallback | None = None,
+                 latents: Tensor | None = None, progress: bool = False, vae_tiling: bool | None = None):
+        """Run a checked request (see __call__), in batches that fit in memory."""
+        outputs = list(self.generate_batches(request, callback=callback, latents=latents, progress=progress,
+                                             vae_tiling=vae_tiling))
+        if request.output_type != "pil":
+            return torch.cat(outputs)
+        return [image for batch in outputs for image in batch]
+
+    def generate_batches(self, request: GenerationRequest, *, callback: sampling.StepCallback | None = None,
+                         latents: Tensor | None = None, progress: bool = False, vae_tiling: bool | None = None):
+        """generate(), one batch at a time as each finishes (so a caller can save them while the rest run)."""
+        job = self.plan(request, vae_tiling)
+        lat_h = job.height // self.autoencoder.downsample_factor
+        lat_w = job.width // self.autoencoder.downsample_factor
+        if latents is not None:
+            expected = (job.num_images, self.transformer.in_channels // 4, lat_h, lat_w)
+            if tuple(latents.shape) != expected:
+                raise InputError(f"latents: expected shape {expected}, got {tuple(latents.shape)}")
+        for start in range(0, job.num_images, job.batch_size):
+            part = slice(start, start + job.batch_size)
+            with torch.inference_mode():
+                yield self._generate_batch(request, job, part, None if latents is None else latents[part], callback,
+                                           progress)
+
+    def _generate_batch(self, r: GenerationRequest, job: Job, part: slice, latents: Tensor | None,
+                        callback, progress: bool):
+        prompts, negatives, seeds = job.prompts[part], job.negatives[part], job.seeds[part]
+        lat_h = job.height // self.autoencoder.downsample_factor
+        lat_w = job.width // self.autoencoder.downsample_factor
         if latents is None:
-            noise = sampling.get_noise(seeds, height, width, downsample=self.autoencoder.downsample_factor,
+            noise = sampling.get_noise(seeds, job.height, job.width, downsample=self.autoencoder.downsample_factor,
                                        device=self.device, dtype=self.dtype)
         else:
-            expected = (len(batch_prompts), self.transformer.in_channels // 4, lat_h, lat_w)
-            if tuple(latents.shape) != expected:
-                raise InputError(f"latents must have shape {expected}, got {tuple(latents.shape)}")
             noise = latents.to(self.device, self.dtype)
         img = sampling.pack(noise)
         img_ids = sampling.image_ids(img.shape[0], lat_h, lat_w, self.device)
 
-        if sigmas is not None:
-            timesteps = [float(s) for s in sigmas] + [0.0]
-            steps = len(timesteps) - 1
+        if r.sigmas is not None:
+            timesteps = list(r.sigmas) + [0.0]
         else:
-            timesteps = sampling.get_schedule(steps, img.shape[1], shift=self.defaults.shift)
+            timesteps = sampling.get_schedule(job.steps, img.shape[1], shift=self.defaults.shift)
 
         inpainting = None
-        if image is not None:
-            source = sampling.pack(self.encode_image(image, height, width)).expand(img.shape[0], -1, -1)
-            t_start = int(max(steps - steps * strength, 0))
-            timesteps = timesteps[t_start:]
-            if len(timesteps) < 2:
-                raise InputError(f"strength={strength} with {steps} steps leaves no step to run")
+        if r.image is not None:
+            source = sampling.pack(self.encode_image(r.image, job.height, job.width)).expand(img.shape[0], -1, -1)
+            timesteps = timesteps[int(max(job.steps - job.steps * r.strength, 0)):]
             t0 = timesteps[0]
             img = (t0 * img + (1 - t0) * source).to(self.dtype)
-            if mask_image is not None:
+            if r.mask_image is not None:
                 inpainting = sampling.Inpainting(source=source, noise=sampling.pack(noise),
-                                                 mask=self._packed_mask(mask_image, lat_h, lat_w, img.shape[0]))
+                                                 mask=self._packed_mask(r.mask_image, lat_h, lat_w, img.shape[0]))
 
-        cond = self.encode_prompt(batch_prompts)
-        negative = self.encode_prompt(batch_negatives) if use_cfg else None
-        img = sampling.denoise(self.transformer, img, img_ids, cond, timesteps, guidance=guidance,
-                               negative=negative, true_cfg_scale=true_cfg, inpainting=inpainting,
+        cond = self.encode_prompt(prompts)
+        negative = self.encode_prompt(negatives) if job.use_cfg else None
+        img = sampling.denoise(self.transformer, img, img_ids, cond, timesteps, guidance=job.guidance,
+                               negative=negative, true_cfg_scale=job.true_cfg, inpainting=inpainting,
                                callback=callback, progress=progress)
         final = sampling.unpack(img.float(), lat_h, lat_w)
-        if output_type == "latent":
+        if r.output_type == "latent":
             return final
-        pixels = self.decode(final, tiled=height * width > 2048 * 2048)
-        if output_type == "pt":
+        pixels = self.decode(final, tiled=job.tiled)
+        if r.output_type == "pt":
             return pixels
         images = tensor_to_images(pixels)
         for i, im in enumerate(images):
             settings = GenerationSettings(
-                prompt=batch_prompts[i], negative_prompt=batch_negatives[i] if use_cfg else None, seed=seeds[i],
-                height=height, width=width, num_inference_steps=steps,
-                guidance_scale=guidance if self.transformer.params.guidance_embed else None,
-                true_cfg_scale=true_cfg if use_cfg else 1.0, strength=strength,
-                sigmas=[float(s) for s in sigmas] if sigmas is not None else None,
+                prompt=prompts[i], negative_prompt=negatives[i] if job.use_cfg else None, seed=seeds[i],
+                height=job.height, width=job.width, num_inference_steps=job.steps,
+                guidance_scale=job.guidance if self.transformer.params.guidance_embed else None,
+                true_cfg_scale=job.true_cfg if job.use_cfg else 1.0, strength=r.strength, sigmas=r.sigmas,
+                init_image=r.init_image_path, mask_image=r.mask_image_path,
                 model=self.name, variant=self.variant, device=self.device.type, dtype=dtype_name(self.dtype))
             im.info[PNG_KEY] = settings.to_json()
         return images
 
-    def _seeds(self, seed, n: int) -> list[int]:
+    def _seeds(self, seed: int | list[int] | None, n: int) -> list[int]:
         if seed is None:
             base = secrets.randbelow(2**31)
             log.info("no seed given: using %d", base)
             return [base + i for i in range(n)]
         if isinstance(seed, int):
             return [seed + i for i in range(n)]
-        seeds = [int(s) for s in seed]
-        if len(seeds) != n:
-            raise InputError(f"seed: got {len(seeds)} seeds for {n} images (prompts x num_images_per_prompt)")
-        return seeds
+        return list(seed)
 
     def _packed_mask(self, mask_image: Image.Image, lat_h: int, lat_w: int, batch: int) -> Tensor:
         """White = regenerate. Resized to the latent grid, binarised, repeated over channels, packed like latents."""

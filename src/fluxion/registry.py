@@ -5,7 +5,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ModelNotFoundError
+from .errors import InputError, ModelFolderError, ModelNotFoundError
+from .settings import FLUX1_SIZES, SizeRange
 
 BUILTIN_MODELS = Path(__file__).parent / "models"
 MANIFEST = "fluxion.json"
@@ -37,6 +38,7 @@ class ModelFiles:
     clip_tokenizer: Path | None = None
     variant: str | None = None  # "pro" / "dev" / "schnell"; None: infer from the weights
     defaults: dict = field(default_factory=dict)
+    sizes: SizeRange | None = None  # the sizes it supports; None: any (fluxion manifests without `sizes`)
 
 
 def search_paths(name: str) -> list[Path]:
@@ -84,14 +86,51 @@ def describe_folder(root: Path, name: str) -> ModelFiles:
     return _from_bfl(root, name)
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from a model folder, with the file's name in every complaint."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFolderError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _manifest_field(m: dict, key: str, kind: type, path: Path, required: bool = False):
+    if key not in m:
+        if required:
+            raise ModelFolderError(f"{path}: the key {key!r} is missing")
+        return None
+    if not isinstance(m[key], kind) or isinstance(m[key], bool) and kind is not bool:
+        raise ModelFolderError(f"{path}: {key!r} must be a {kind.__name__}, got {m[key]!r:.80}")
+    return m[key]
+
+
 def _from_manifest(root: Path, name: str) -> ModelFiles:
-    m = json.loads((root / MANIFEST).read_text())
+    path = root / MANIFEST
+    m = read_json(path)
+    for key in ("transformer", "autoencoder"):
+        _manifest_field(m, key, str, path, required=True)
+    for key in ("name", "text_encoder", "variant"):
+        _manifest_field(m, key, str, path)
+    _manifest_field(m, "text_length", int, path)
+    _manifest_field(m, "defaults", dict, path)
+    if m.get("variant") not in (None, "pro", "dev", "schnell"):
+        raise ModelFolderError(f"{path}: 'variant' must be 'pro', 'dev' or 'schnell', got {m['variant']!r:.80}")
+    if m.get("text_encoder", "minilm") not in ("minilm", "t5+clip"):
+        raise ModelFolderError(f"{path}: 'text_encoder' must be 'minilm' or 't5+clip', got {m['text_encoder']!r:.80}")
+    try:
+        sizes = SizeRange.from_manifest(m["sizes"], str(path)) if "sizes" in m else None
+    except InputError as e:
+        raise ModelFolderError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
     files = ModelFiles(
         name=m.get("name", name), root=root, layout="fluxion",
         transformer=_require(root / m["transformer"], "transformer weights"),
         autoencoder=_require(root / m["autoencoder"], "autoencoder weights"),
         text_encoder=m.get("text_encoder", "minilm"), text_length=m.get("text_length"),
         text_positions=bool(m.get("text_positions", False)), variant=m.get("variant"), defaults=m.get("defaults", {}),
+        sizes=sizes,
     )
     if files.text_encoder == "t5+clip":
         _add_t5_clip(files, root)
@@ -99,16 +138,18 @@ def _from_manifest(root: Path, name: str) -> ModelFiles:
 
 
 def _from_diffusers(root: Path, name: str) -> ModelFiles:
+    read_json(root / "model_index.json")
     files = ModelFiles(name=name, root=root, layout="diffusers",
                        transformer=_require(root / "transformer", "diffusers transformer folder"),
-                       autoencoder=_require(root / "vae", "diffusers vae folder"), text_encoder="t5+clip")
+                       autoencoder=_require(root / "vae", "diffusers vae folder"), text_encoder="t5+clip",
+                       sizes=FLUX1_SIZES)
     _add_t5_clip(files, root)
     # schnell is the model sampled without the resolution shift; with it, the guidance input tells dev from pro
     scheduler = root / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
-        dynamic = json.loads(scheduler.read_text()).get("use_dynamic_shifting", True)
+        dynamic = read_json(scheduler).get("use_dynamic_shifting", True)
         transformer_config = root / "transformer" / "config.json"
-        guidance = transformer_config.is_file() and json.loads(transformer_config.read_text()).get("guidance_embeds")
+        guidance = transformer_config.is_file() and read_json(transformer_config).get("guidance_embeds")
         files.variant = "dev" if guidance else ("pro" if dynamic else "schnell")
     return files
 
@@ -122,7 +163,8 @@ def _from_bfl(root: Path, name: str) -> ModelFiles:
         )
     transformer = candidates[0]
     files = ModelFiles(name=name, root=root, layout="bfl", transformer=transformer,
-                       autoencoder=_require(root / "ae.safetensors", "autoencoder weights"), text_encoder="t5+clip")
+                       autoencoder=_require(root / "ae.safetensors", "autoencoder weights"), text_encoder="t5+clip",
+                       sizes=FLUX1_SIZES)
     files.variant = "schnell" if "schnell" in transformer.name else None
     _add_t5_clip(files, root)
     return files
@@ -133,3 +175,35 @@ def _add_t5_clip(files: ModelFiles, root: Path) -> None:
     files.clip = _first_dir(root, CLIP_DIRS, "CLIP text encoder")
     files.t5_tokenizer = _tokenizer_dir(root, files.t5, "tokenizer_2")
     files.clip_tokenizer = _tokenizer_dir(root, files.clip, "tokenizer")
+
+
+def _folder_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def list_models() -> list[dict]:
+    """Every model folder fluxion can find: built-in first, then under $FLUXION_HOME, with variant, layout,
+    transformer parameters (read from the safetensors headers only), size on disk and path. A folder that cannot
+    be read is listed with its error."""
+    from .checkpoints import open_checkpoint
+    from .errors import FluxionError
+
+    rows = []
+    sources = [("built-in", BUILTIN_MODELS), ("$FLUXION_HOME", fluxion_home())]
+    for source, base in sources:
+        if not base.is_dir():
+            continue
+        for root in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            row = {"name": root.name, "source": source, "path": str(root), "bytes": _folder_bytes(root)}
+            try:
+                files = describe_folder(root, root.name)
+                checkpoint = open_checkpoint(files.transformer, "transformer")
+                guidance = checkpoint.params().guidance_embed
+                row.update(layout=files.layout, variant=files.variant or ("dev" if guidance else "schnell"),
+                           parameters=sum(info.num_params for info in checkpoint.infos))
+                if files.sizes is not None:
+                    row["sizes"] = files.sizes.describe()
+            except (FluxionError, OSError) as e:
+                row["error"] = " ".join(str(e).split())
+            rows.append(row)
+    return rows

@@ -124,7 +124,7 @@ def _tensor_info(path: Path, key: str, entry) -> TensorInfo:
         raise CheckpointError(f"{path}: header entry for {key!r} needs dtype, shape and data_offsets, "
                               f"got {entry!r:.200}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise CheckpointError(f"{path}: tensor {key!r} has dtype {dtype!r}, which fluxion cannot read "
                               f"(known: {', '.join(SAFETENSORS_DTYPES)})")
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):

@@ -3,7 +3,7 @@
 import json
 import logging
 import os
-import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, ModelNotFoundError
+from ..files import atomic_folder, atomic_write
 from ..model.autoencoder import AutoEncoder
 from ..model.configs import AUTOENCODER_PRESETS, TRANSFORMER_PRESETS, AutoEncoderParams, FluxParams
 from ..model.transformer import Flux
@@ -25,6 +26,17 @@ logger = logging.getLogger(__name__)
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 _SUBFOLDER = {"transformer": "transformer", "autoencoder": "vae"}
+
+
+@contextmanager
+def naming(source):
+    """Put the file's name in front of a CheckpointError raised by shape-only code that never saw it."""
+    try:
+        yield
+    except CheckpointError as e:
+        if str(source) in str(e):
+            raise
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 @dataclass
@@ -53,9 +65,10 @@ class CheckpointSource:
     def params(self) -> FluxParams | AutoEncoderParams:
         if self.config is not None:
             return params_from_diffusers_config(self.config, source=f"{self.label}/config.json")
-        if self.component == "transformer":
-            return detect_transformer_params(self.shapes, self.metadata)
-        return detect_autoencoder_params(self.shapes, self.metadata)
+        with naming(self.label):
+            if self.component == "transformer":
+                return detect_transformer_params(self.shapes, self.metadata)
+            return detect_autoencoder_params(self.shapes, self.metadata)
 
     def state_dict(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict[str, Tensor]:
         """All tensors, prefix-free, in this source's own layout."""
@@ -114,8 +127,10 @@ def open_checkpoint(path: str | os.PathLike, component: Component | None = None)
         if config_path.is_file():
             try:
                 config = json.loads(config_path.read_text())
-            except json.JSONDecodeError as e:
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
+            if not isinstance(config, dict):
+                raise CheckpointError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
         files = _diffusers_files(path)
     else:
         files = [path]
@@ -126,7 +141,8 @@ def open_checkpoint(path: str | os.PathLike, component: Component | None = None)
         prefix = find_prefix(keys, candidate)
         if prefix:
             break
-    detected, layout = detect_layout(k[len(prefix):] for k in keys if k.startswith(prefix))
+    with naming(path):
+        detected, layout = detect_layout(k[len(prefix):] for k in keys if k.startswith(prefix))
     if component and detected != component:
         raise CheckpointError(f"{path} holds {detected} weights, not {component} weights")
     return CheckpointSource(label=str(path), files=files, infos=infos, config=config, component=detected,
@@ -184,31 +200,35 @@ def _component(name: str) -> Component:
     return aliases[name]
 
 
-def _write_json(data: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _write_json(data: dict, path: Path) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def export_diffusers(bfl_state_dict: dict[str, Tensor], params: FluxParams | AutoEncoderParams,
                      out_dir: str | os.PathLike, component: str = "transformer") -> Path:
-    """Write a diffusers component folder (config.json + diffusion_pytorch_model.safetensors) from BFL weights."""
+    """Write a diffusers component folder (config.json + diffusion_pytorch_model.safetensors) from BFL weights.
+    The folder is built beside out_dir and moved into place whole: an interrupted export leaves nothing."""
     component = _component(component)
     kind = FluxParams if component == "transformer" else AutoEncoderParams
     if not isinstance(params, kind):
         raise CheckpointError(f"exporting a {component} needs {kind.__name__}, got {type(params).__name__}")
     config = diffusers_config(params)  # raises before anything is written if diffusers cannot express params
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise CheckpointError(f"destination {out_dir} is a file; give a folder for the diffusers layout")
+        others = sorted(p.name for p in out_dir.iterdir()
+                        if p.name != "config.json" and not p.name.startswith("diffusion_pytorch_model"))
+        if others:
+            raise CheckpointError(f"destination {out_dir} holds other files ({', '.join(others[:5])}); give a new "
+                                  "or empty folder, or a diffusers component folder to replace")
     sd = convert_state_dict(bfl_state_dict, KEYMAPS[component], "diffusers")
-    save_state_dict(sd, out_dir / DIFFUSERS_WEIGHTS, metadata={"format": "pt"})
-    _write_json(config, out_dir / "config.json")
+
+    def build(folder: Path) -> None:
+        save_state_dict(sd, folder / DIFFUSERS_WEIGHTS, metadata={"format": "pt"})
+        _write_json(config, folder / "config.json")
+
+    atomic_folder(out_dir, build)
     logger.info("exported %s to %s", component, out_dir)
     return out_dir
 

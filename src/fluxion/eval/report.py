@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from fluxion.errors import InputError
+from fluxion.files import atomic_write
 from fluxion.eval.score import evaluate, load_spec
 from fluxion.metadata import PNG_KEY
 
@@ -88,11 +89,12 @@ def write_report(results: dict, images: Sequence, out_dir: str | Path) -> dict[s
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"results": out_dir / "results.json"}
-    paths["results"].write_text(json.dumps(results, indent=1))
+    atomic_write(paths["results"], lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
     for tag in results["per_tag"]:
         ks = [k for k, r in enumerate(records) if r["tag"] == tag]
         paths[f"contact_{tag}"] = out_dir / f"contact_{tag}.png"
-        contact_sheet([records[k] for k in ks], [images[k] for k in ks]).save(paths[f"contact_{tag}"])
+        sheet = contact_sheet([records[k] for k in ks], [images[k] for k in ks])
+        atomic_write(paths[f"contact_{tag}"], lambda tmp: sheet.save(tmp, format="PNG"))
     return paths
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..checkpoints.io import load_state_dict, read_checkpoint_info, save_state_dict
 from ..devices import DTYPES
-from ..files import atomic_write
+from ..files import atomic_folder, atomic_write
 from ..pipeline import VARIANTS
 from ..registry import MANIFEST
 from .config import TrainConfig
@@ -26,12 +26,19 @@ def write_json(data: dict, path: Path) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
+def trained_sizes(buckets: list[list[int]]) -> dict:
+    """The sizes a model supports: the range of the (height, width) buckets it was trained on."""
+    sides = [side for bucket in buckets for side in bucket]
+    return {"min_side": min(sides), "max_side": max(sides), "max_pixels": max(h * w for h, w in buckets)}
+
+
 def manifest(cfg: TrainConfig) -> dict:
     """fluxion.json as registry._from_manifest reads it; defaults are the variant's, overridden by the recipe."""
     defaults = {**VARIANTS[cfg.export.variant].__dict__, **cfg.export.defaults}
     return {"name": cfg.run.name, "variant": cfg.export.variant, "transformer": TRANSFORMER_FILE,
             "autoencoder": AUTOENCODER_FILE, "text_encoder": "minilm", "text_length": cfg.data.text_length,
             "text_positions": cfg.model.text_positions, "defaults": defaults,
+            "sizes": trained_sizes(cfg.data.buckets),
             "training": {"stage": cfg.run.stage, "steps": cfg.run.steps, "batch_size": cfg.run.batch_size,
                          "recipe": cfg.source}}
 
@@ -41,29 +48,32 @@ def write_manifest(cfg: TrainConfig, folder: Path) -> Path:
 
 
 def export_model(src: Path, dst: Path, dtype: str = "bf16") -> Path:
-    """Copy a model folder's safetensors (floating tensors cast to `dtype`, metadata kept) and its manifest."""
+    """Copy a model folder's safetensors (floating tensors cast to `dtype`, metadata kept) and its manifest. The
+    new folder replaces dst whole, so an interrupted export leaves the previous model intact."""
     files = sorted(src.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"nothing to export: {src} holds no .safetensors files (has the run finished?)")
-    dst.mkdir(parents=True, exist_ok=True)
     target = DTYPES[dtype]
-    total = 0
-    for f in files:
-        sd = load_state_dict(f)
-        if all(v.dtype == target for v in sd.values() if v.is_floating_point()):
-            # nothing to cast: copy the bytes, since re-serialising orders the metadata at random and would give
-            # every export of the same VAE a different file (a new blob in git each time)
-            out = copy_file(f, dst / f.name)
-        else:
-            sd = {k: v.to(target) if v.is_floating_point() else v for k, v in sd.items()}
-            out = save_state_dict(sd, dst / f.name, metadata=read_checkpoint_info(f).metadata)
-        size = out.stat().st_size
-        total += size
-        log.info("exported %s: %d tensors, %.1f MB (%s)", out, len(sd), size / 1e6, dtype)
-    if (src / MANIFEST).is_file():
-        copy_file(src / MANIFEST, dst / MANIFEST)
-    log.info("exported %s -> %s: %.1f MB of safetensors", src, dst, total / 1e6)
-    return dst
+
+    def build(folder: Path) -> None:
+        total = 0
+        for f in files:
+            sd = load_state_dict(f)
+            if all(v.dtype == target for v in sd.values() if v.is_floating_point()):
+                # nothing to cast: copy the bytes, since re-serialising orders the metadata at random and would
+                # give every export of the same VAE a different file (a new blob in git each time)
+                out = copy_file(f, folder / f.name)
+            else:
+                sd = {k: v.to(target) if v.is_floating_point() else v for k, v in sd.items()}
+                out = save_state_dict(sd, folder / f.name, metadata=read_checkpoint_info(f).metadata)
+            size = out.stat().st_size
+            total += size
+            log.info("exported %s: %d tensors, %.1f MB (%s)", f.name, len(sd), size / 1e6, dtype)
+        if (src / MANIFEST).is_file():
+            copy_file(src / MANIFEST, folder / MANIFEST)
+        log.info("exported %s -> %s: %.1f MB of safetensors", src, dst, total / 1e6)
+
+    return atomic_folder(dst, build)
 
 
 def folder_bytes(folder: Path) -> int:

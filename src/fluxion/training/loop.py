@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..devices import resolve_device
 from ..errors import FluxionError
+from ..files import atomic_write
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import ConfigError, OptimConfig, TrainConfig, load_config
 from .ema import EMA
@@ -48,7 +49,7 @@ class MetricsLog:
         self.rows: list[dict] = []
         if keep_until > 0 and path.is_file():
             self.rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= keep_until]
-        path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in self.rows)))
 
     def append(self, row: dict) -> None:
         self.rows.append(row)

@@ -1,0 +1,186 @@
+"""How much memory and time a generation job needs before it starts, and how much memory the device has."""
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .model.configs import AutoEncoderParams, FluxParams
+
+# Working memory per token of one transformer forward, in units of the hidden size: about 20 activations of the
+# model dtype live at once in a single-stream block (x, linear1's 3D + 4D output, q and k, the attention and MLP
+# outputs and their concatenation), plus about 8 float32 ones (RMSNorm and RoPE compute in float32); RoPE's
+# angles add ~24 bytes per head channel (float64 angles, complex128 then complex64 rotations). Measured on the CPU
+# (tiny-schnell, 256-1024 px, batch 1-4): 18.8-21.7 KB per token in fp32 and 17.5 KB in bf16, against 23.0 and
+# 15.4 KB from these constants.
+TRANSFORMER_DTYPE_UNITS = 20
+TRANSFORMER_FP32_UNITS = 8
+ROPE_BYTES_PER_HEAD_CHANNEL = 24
+# The VAE decoder peaks at full resolution, where about 4.5 activations of the widest full-resolution layer (the
+# upsample from level 1) live at once, GroupNorm and conv workspaces included.
+VAE_UNITS = 4.5
+# What a job's first run at a new size takes besides its activations (oneDNN primitive caches, allocator arenas).
+JOB_OVERHEAD = 80 * 2**20
+# Measured on the CPU with tiny-schnell in fp32 (peak RSS growth of whole jobs, tests/test_memory.py): 167, 390,
+# 798 and 1175 MB at 256-1024 px (these constants: 155, 382, 760, 1288), and 171-442 MB for transformer-only runs
+# of batch 2-4 at 512-1024 px (177-460).
+VAE_TILE = 512
+# A job may take this share of the memory still available: the rest stays for the system and the estimate's error.
+MEMORY_HEADROOM = 0.9  # pixels a side of a tile in the tiled decode (AutoEncoder.decode_tiled's 64 latent pixels)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak memory of a job in bytes: the resident weights plus the largest working set of its phases (text
+    encoding, transformer forwards, VAE decode run one after another, each freeing its memory)."""
+
+    weights: int
+    transformer: int
+    vae: int
+    overhead: int = JOB_OVERHEAD
+
+    @property
+    def working(self) -> int:
+        return self.overhead + max(self.transformer, self.vae)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.working
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.0f} MiB"
+
+
+def module_bytes(*modules) -> int:
+    total = 0
+    for m in modules:
+        if isinstance(m, nn.Module):
+            total += sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
+    return total
+
+
+def transformer_bytes(params: FluxParams, tokens: int, batch: int, itemsize: int) -> int:
+    """Working memory of one forward over `tokens` (image + text) tokens; attention runs in memory-efficient
+    kernels (CPU flash, CUDA flash/efficient), so it adds no L x L term."""
+    head_dim = params.hidden_size // params.num_heads
+    per_token = params.hidden_size * (TRANSFORMER_DTYPE_UNITS * itemsize + TRANSFORMER_FP32_UNITS * 4) \
+        + ROPE_BYTES_PER_HEAD_CHANNEL * head_dim
+    return batch * tokens * per_token
+
+
+def vae_bytes(params: AutoEncoderParams, height: int, width: int, batch: int, itemsize: int,
+              tiled: bool = False) -> int:
+    """Working memory of a decode (the encode of image-to-image needs less: its widest full-resolution layer is
+    narrower). Tiled, the peak is one tile's plus the float32 output and blending weights."""
+    widest = params.ch * max(params.ch_mult[: 2])  # channels at full resolution: level 0, and level 1 upsampled
+    if tiled:
+        tile = min(height, VAE_TILE) * min(width, VAE_TILE)
+        return int(batch * (VAE_UNITS * widest * itemsize * tile + 2 * 4 * params.out_ch * height * width))
+    return int(batch * VAE_UNITS * widest * itemsize * height * width)
+
+
+def estimate_memory(transformer, autoencoder, text_encoder=None, *, height: int, width: int, batch: int,
+                    text_tokens: int, cfg: bool = False, tiled: bool = False) -> MemoryEstimate:
+    """Peak memory of generating `batch` images of height x width with the given (loaded) models."""
+    itemsize = next(transformer.parameters()).element_size()
+    factor = autoencoder.downsample_factor * 2  # pixels per token side: VAE down-sampling, then 2x2 packing
+    image_tokens = (height // factor) * (width // factor)
+    forward_batch = batch * (2 if cfg else 1)  # true CFG runs both halves in one batched forward
+    return MemoryEstimate(
+        weights=module_bytes(transformer, autoencoder, text_encoder),
+        transformer=transformer_bytes(transformer.params, image_tokens + text_tokens, forward_batch, itemsize),
+        vae=vae_bytes(autoencoder.params, height, width, batch, next(autoencoder.parameters()).element_size(),
+                      tiled),
+    )
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cgroup_headroom() -> int | None:
+    """Memory the container's cgroup (v2, then v1) still allows, if it sets a limit."""
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        limit = _read_int(Path("/sys/fs/cgroup") / limit_file)
+        usage = _read_int(Path("/sys/fs/cgroup") / usage_file)
+        if limit is not None and usage is not None and limit < 2**60:
+            return max(limit - usage, 0)
+    return None
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes a new job can still take on `device`: free GPU memory (plus what PyTorch caches), or on the CPU the
+    kernel's MemAvailable, capped by a container limit."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    headroom = _cgroup_headroom()
+    if headroom is not None:
+        found.append(headroom)
+    if not found and hasattr(os, "sysconf"):
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError):
+            pass
+    return min(found) if found else 2**62  # unknown: do not refuse on a guess
+
+
+# -- time ---------------------------------------------------------------------------------------------------------
+def job_flops(transformer, autoencoder, *, height: int, width: int, batch: int, steps: int, text_tokens: int,
+              cfg: bool = False) -> float:
+    """FLOPs of a job, counted by running the models on shape-only ("meta") tensors: exact for the matmuls,
+    convolutions and attention, free of any computation."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from . import sampling
+
+    factor = autoencoder.downsample_factor
+    with torch.device("meta"):
+        flux = type(transformer)(transformer.params)
+        vae = type(autoencoder)(autoencoder.params)
+        h, w = height // factor, width // factor
+        img = torch.empty(1, (h // 2) * (w // 2), transformer.in_channels)
+        ids = sampling.image_ids(1, h, w, "meta")
+        txt = torch.empty(1, text_tokens, transformer.params.context_in_dim)
+        y = torch.empty(1, transformer.params.vec_in_dim)
+        guidance = torch.empty(1) if transformer.params.guidance_embed else None
+        with FlopCounterMode(display=False) as forward:
+            flux(img=img, img_ids=ids, txt=txt, txt_ids=torch.zeros(1, text_tokens, 3), timesteps=torch.empty(1),
+                 y=y, guidance=guidance)
+        with FlopCounterMode(display=False) as decode:
+            vae.decode(torch.empty(1, autoencoder.params.z_channels, h, w))
+    forwards = steps * (2 if cfg else 1)
+    return batch * (forwards * forward.get_total_flops() + decode.get_total_flops())
+
+
+def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, seconds: float = 0.2) -> float:
+    """What this device's matrix multiply reaches at a mid-sized square product: an upper bound on a job's pace."""
+    n = 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    runs, start = 0, time.perf_counter()
+    while runs < 3 or time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * runs / (time.perf_counter() - start)
