@@ -146,6 +146,32 @@ class Pipeline:
                    defaults=files.defaults, text_positions=files.text_positions, sizes=files.sizes, device=device,
                    dtype=dtype)
 
+    # -- LoRA adapters (fluxion.lora): applied to the transformer, switchable per call without a reload -----------
+    def load_lora(self, path, name: str | None = None, scale: float = 1.0, strict: bool = True) -> str:
+        from .lora import load_lora
+
+        return load_lora(self.transformer, path, scale=scale, name=name, strict=strict)
+
+    def set_loras(self, scales: dict[str, float]) -> None:
+        from .lora import set_loras
+
+        set_loras(self.transformer, scales)
+
+    def fuse_loras(self) -> None:
+        from .lora import fuse_loras
+
+        fuse_loras(self.transformer)
+
+    def unfuse_loras(self) -> None:
+        from .lora import unfuse_loras
+
+        unfuse_loras(self.transformer)
+
+    def unload_loras(self) -> None:
+        from .lora import unload_loras
+
+        unload_loras(self.transformer)
+
     # -- pieces, usable one by one ------------------------------------------------------------------------------
     @torch.inference_mode()
     def encode_prompt(self, prompts: list[str]) -> sampling.Conditioning:
