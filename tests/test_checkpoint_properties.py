@@ -2,7 +2,6 @@
 their header says or raise CheckpointError naming the file; nothing else escapes."""
 
 import json
-import math
 
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -86,7 +85,6 @@ def test_unrelated_tensors_are_refused_naming_the_file(tmp_path, names, dims):
         assert str(path) in str(e)
     else:
         raise AssertionError(f"{names} loaded as a transformer")
-    assert math.prod(dims) >= 1
 
 
 def test_transformer_without_blocks_names_the_file(tmp_path):

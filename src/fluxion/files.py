@@ -1,5 +1,6 @@
 """Atomic file writes: readers see the old file or the whole new one, never a half-written one."""
 
+import json
 import os
 import shutil
 import tempfile
@@ -61,6 +62,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object], *, ove
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def write_json(data, path: str | os.PathLike) -> Path:
+    """JSON (indented, newline-terminated), written atomically."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def atomic_folder(path: str | os.PathLike, build: Callable[[Path], object]) -> Path:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, ModelNotFoundError
-from ..files import atomic_folder, atomic_write
+from ..files import atomic_folder, write_json
 from ..model.autoencoder import AutoEncoder
 from ..model.configs import AUTOENCODER_PRESETS, TRANSFORMER_PRESETS, AutoEncoderParams, FluxParams
 from ..model.transformer import Flux
@@ -200,10 +200,6 @@ def _component(name: str) -> Component:
     return aliases[name]
 
 
-def _write_json(data: dict, path: Path) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
-
-
 def export_diffusers(bfl_state_dict: dict[str, Tensor], params: FluxParams | AutoEncoderParams,
                      out_dir: str | os.PathLike, component: str = "transformer") -> Path:
     """Write a diffusers component folder (config.json + diffusion_pytorch_model.safetensors) from BFL weights.
@@ -226,7 +222,7 @@ def export_diffusers(bfl_state_dict: dict[str, Tensor], params: FluxParams | Aut
 
     def build(folder: Path) -> None:
         save_state_dict(sd, folder / DIFFUSERS_WEIGHTS, metadata={"format": "pt"})
-        _write_json(config, folder / "config.json")
+        write_json(config, folder / "config.json")
 
     atomic_folder(out_dir, build)
     logger.info("exported %s to %s", component, out_dir)

@@ -1,13 +1,12 @@
 """A finished run as a model folder (BFL-layout safetensors + fluxion.json), and its export for shipping."""
 
-import json
 import logging
 import shutil
 from pathlib import Path
 
 from ..checkpoints.io import load_state_dict, read_checkpoint_info, save_state_dict
 from ..devices import DTYPES
-from ..files import atomic_folder, atomic_write
+from ..files import atomic_folder, atomic_write, write_json
 from ..pipeline import VARIANTS
 from ..registry import MANIFEST
 from .config import TrainConfig
@@ -20,10 +19,6 @@ AUTOENCODER_FILE = "ae.safetensors"
 
 def copy_file(src: Path, dst: Path) -> Path:
     return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
-
-
-def write_json(data: dict, path: Path) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def trained_sizes(buckets: list[list[int]]) -> dict:
