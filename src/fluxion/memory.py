@@ -177,6 +177,8 @@ def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, seconds: f
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     runs, start = 0, time.perf_counter()
     while runs < 3 or time.perf_counter() - start < seconds:
         a @ b

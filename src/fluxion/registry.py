@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError, ModelFolderError, ModelNotFoundError
-from .settings import FLUX1_SIZES, SizeRange
+from .settings import FLUX1_SIZES, VARIANT_NAMES, SizeRange
 
 BUILTIN_MODELS = Path(__file__).parent / "models"
 MANIFEST = "fluxion.json"
@@ -116,8 +116,8 @@ def _from_manifest(root: Path, name: str) -> ModelFiles:
         _manifest_field(m, key, str, path)
     _manifest_field(m, "text_length", int, path)
     _manifest_field(m, "defaults", dict, path)
-    if m.get("variant") not in (None, "pro", "dev", "schnell"):
-        raise ModelFolderError(f"{path}: 'variant' must be 'pro', 'dev' or 'schnell', got {m['variant']!r:.80}")
+    if m.get("variant") not in (None, *VARIANT_NAMES):
+        raise ModelFolderError(f"{path}: 'variant' must be one of {', '.join(VARIANT_NAMES)}, got {m['variant']!r:.80}")
     if m.get("text_encoder", "minilm") not in ("minilm", "t5+clip"):
         raise ModelFolderError(f"{path}: 'text_encoder' must be 'minilm' or 't5+clip', got {m['text_encoder']!r:.80}")
     try:
