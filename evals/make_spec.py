@@ -1,4 +1,8 @@
-"""Writes evals/shapes.jsonl, the GenEval-style spec for the shapes world (deterministic: same file every run)."""
+"""Writes evals/shapes.jsonl, the GenEval-style spec for the shapes world, and evals/star.jsonl, the same tasks for
+the held-out star that a LoRA teaches (deterministic: same files every run).
+
+    python evals/make_spec.py            # both files
+"""
 
 import argparse
 import itertools
@@ -141,14 +145,39 @@ def build_spec(seed: int = SEED) -> list[dict]:
     return unique
 
 
+def star_spec(shape: str = "star") -> list[dict]:
+    """GenEval's tasks for one new shape: alone, in every colour, counted, beside each trained shape (both
+    orders), and placed by each relation against each trained shape (as the subject, then as the target)."""
+    out = [_entry("single_object", [_obj(shape)], PHOTO + noun_phrase(shape)),
+           _entry("single_object", [_obj(shape)], noun_phrase(shape)),
+           _entry("single_object", [_obj(shape)], noun_phrase(shape), background="white"),
+           _entry("single_object", [_obj(shape)], PHOTO + noun_phrase(shape), background="black")]
+    out += [_entry("colors", [_obj(shape, color)], PHOTO + noun_phrase(shape, 1, color)) for color in COLORS]
+    for count, color in zip((2, 3, 4, 2, 3, 4), (None, None, None, "yellow", "red", "blue")):
+        out.append(_entry("counting", [_obj(shape, color, count)], (PHOTO if color is None else "")
+                          + noun_phrase(shape, count, color), exclude=[_obj(shape, count=count + 1)]))
+    for other, prefix in itertools.product(TRAIN_SHAPES, ("", PHOTO)):
+        for a, b in ((shape, other), (other, shape)):
+            out.append(_entry("two_object", [_obj(a), _obj(b)], f"{prefix}{noun_phrase(a)} and {noun_phrase(b)}"))
+    for (k, other), relation in itertools.product(enumerate(TRAIN_SHAPES), RELATIONS):
+        subject, target = (shape, other) if k % 2 == RELATIONS.index(relation) % 2 else (other, shape)
+        out.append(_entry("position", [_obj(target), _obj(subject, position=(relation, 0))],
+                          f"{PHOTO}{noun_phrase(subject)} {relation} {noun_phrase(target)}"))
+    return out
+
+
+def write(entries: list[dict], path: Path) -> None:
+    path.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    print(f"wrote {len(entries)} entries to {path}")
+
+
 def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("shapes.jsonl"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent)
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
-    entries = build_spec(args.seed)
-    args.out.write_text("".join(json.dumps(e) + "\n" for e in entries))
-    print(f"wrote {len(entries)} entries to {args.out}")
+    write(build_spec(args.seed), args.out_dir / "shapes.jsonl")
+    write(star_spec(), args.out_dir / "star.jsonl")
 
 
 if __name__ == "__main__":

@@ -307,6 +307,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(root, ae_path
     (lambda r: r["data"].update(text_length=2), "data.text_length"),
     (lambda r: r["data"].update(p_relation=1.5), "data.p_relation"),
     (lambda r: r["data"].update(layout="grid"), "data.layout"),
+    (lambda r: r["data"].update(shapes=["star"]), "data.shapes"),  # held out, and not taught
+    (lambda r: r["data"].update(shapes=["hexagon"]), "data.shapes[0]"),
+    (lambda r: r["data"].update(teach="star"), "data.teach"),  # not among data.shapes
 ])
 def test_config_errors_name_the_file_and_key(tmp_path, edit, key):
     recipe = vae_recipe(tmp_path)
@@ -342,9 +345,9 @@ def test_shipped_recipes_parse_and_fit_the_size_budget():
     assert {"tiny-vae", "tiny-pro", "tiny-dev", "tiny-schnell"} <= {p.stem for p in stages} and experiments
     for path in stages + experiments:
         cfg = load_config(path)
-        assert cfg.run.name == path.stem or path in experiments
+        assert cfg.run.name == path.stem or path in experiments or cfg.run.stage == "lora"
         assert not (path in experiments and cfg.export.dir), f"{path} would export over a shipped model"
-        if not cfg.is_vae:
+        if not cfg.is_vae and cfg.run.stage != "lora":
             params = sum(p.numel() for p in Flux(cfg.model_params()).parameters())
             assert params * 2 <= 25e6 - 6.5e6  # bf16 transformer beside the bf16 tiny VAE (3.0M parameters)
 
@@ -555,3 +558,89 @@ def test_feature_cache_key_follows_the_layout(tmp_path):
     keys = {layout: cache_key(vae, ShapesDataset(seed=0, length=8, layout=layout), Text()) for layout in LAYOUTS}
     assert keys["spread"] != keys["halves"]
     assert keys["spread"] == cache_key(vae, ShapesDataset(seed=0, length=8), Text())
+
+
+# -- LoRA: teaching the held-out star to a frozen model -----------------------------------------------------------
+def lora_recipe(root: Path, ae: Path, base: Path, **objective) -> dict:
+    recipe = flux_recipe(root, ae, "star", "lora", "dev", steps=4, guidance=True, model={"init_from": str(base)},
+                         objective={"rank": 4, "alpha": 2.0, "targets": ["attention", "modulation", "img_in"],
+                                    **objective})
+    recipe["data"] |= {"num_images": 8, "buckets": [[32, 32]], "shapes": ["star", "circle", "square", "triangle"],
+                       "teach": "star", "cache_dir": str(root / "lora-cache")}
+    recipe["export"] |= {"layouts": ["peft", "kohya", "comfy"], "dir": str(root / "never-written")}
+    recipe["log"]["sample_prompts"] = ["a red star"]
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def lora_run(root, ae_path, dev_run) -> Path:
+    """`fluxion train RECIPE --out-dir DIR`: the run goes to DIR, the recipe's export.dir is skipped."""
+    from fluxion.cli import main
+
+    base = dev_run / "model" / "transformer.safetensors"
+    recipe = write_recipe(root / "star.toml", lora_recipe(root, ae_path, base))
+    assert main(["train", str(recipe), "--out-dir", str(root / "star-run")]) == 0
+    assert not (root / "never-written").exists() and not (root / "star").exists()
+    return root / "star-run"
+
+
+def test_lora_stage_trains_only_the_adapter_and_writes_every_layout(lora_run, dev_run):
+    from fluxion.lora import load_lora, unload_loras
+
+    state, meta = checkpoint_state(lora_run)
+    assert meta["step"] == 4  # and no weight of the frozen base:
+    assert all(k.startswith(("model.down.", "model.up.", "ema.down.", "ema.up.", "optim.", "rng.")) for k in state)
+    base = load_transformer(dev_run / "model" / "transformer.safetensors")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    x, ids, txt = torch.randn(1, 4, 64), torch.zeros(1, 4, 3), torch.randn(1, 24, 384)
+    inputs = dict(img=x, img_ids=ids, txt=txt, txt_ids=torch.zeros(1, 24, 3), timesteps=torch.tensor([0.5]),
+                  y=torch.randn(1, 384), guidance=torch.tensor([3.5]))
+    with torch.no_grad():
+        plain = base(**inputs)
+        outputs = []
+        for suffix in ("", "-kohya", "-comfy"):
+            path = lora_run / "model" / f"star{suffix}.safetensors"
+            assert read_checkpoint_info(path).metadata["fluxion.base_model"] == "dev"
+            load_lora(base, path, name="star")
+            outputs.append(base(**inputs))
+            unload_loras(base)
+    assert (outputs[0] - plain).abs().max() > 1e-6  # the adapter learned something: up left zero
+    for other in outputs[1:]:
+        torch.testing.assert_close(other, outputs[0], atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())  # the base file is untouched
+
+
+def test_lora_batches_pair_every_image_with_its_own_caption(root, lora_run):
+    """Shuffled bucketed batches read latents and caption states by sample id: each row is that sample's."""
+    from fluxion.text import load_minilm
+    from fluxion.training.stages import LoRAStage
+
+    stage = LoRAStage(load_config(root / "star.toml"), torch.device("cpu"))
+    ds, text = stage.dataset, load_minilm(max_length=24)
+    seen = []
+    for _ in range(2):
+        indices = next(stage.batches)
+        seen.append(indices)
+        latents, txt, vec = stage.features.batch(indices)
+        images, captions = collate([ds[i] for i in indices])
+        assert all("star" in c for c in captions)
+        with torch.no_grad():
+            torch.testing.assert_close(latents, stage.autoencoder.encode(images), atol=1e-5, rtol=1e-5)
+        ref_txt, ref_vec = text.encode(captions)
+        torch.testing.assert_close(txt, ref_txt, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(vec, ref_vec, atol=1e-5, rtol=1e-5)
+    assert seen[0] != sorted(seen[0]) or seen[1] != sorted(seen[1])  # the order really was shuffled
+
+
+def test_lora_targets_name_groups_or_patterns(tmp_path, dev_run):
+    from fluxion.training.adapter import LoRAWeights, target_modules
+
+    base = load_transformer(dev_run / "model" / "transformer.safetensors")
+    assert target_modules(base, ["img_in", "double_blocks.0.img_attn.*"]) == [
+        "img_in", "double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj"]
+    assert "final_layer.adaLN_modulation.1" in target_modules(base, ["modulation"])
+    with pytest.raises(ConfigError, match="'norm1' selects no Linear"):
+        target_modules(base, ["norm1"])
+    weights = LoRAWeights(base, ["attention"], rank=4, alpha=8.0)
+    update = weights.adapter("x").updates["single_blocks.0.linear1"]
+    assert update.scale == 2.0 and not update.up.any() and update.down.shape == (4, base.params.hidden_size)

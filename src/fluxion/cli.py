@@ -1,4 +1,4 @@
-"""The `fluxion` command: generate, models, info, convert, eval, train."""
+"""The `fluxion` command: generate, models, info, convert, eval, lora, train."""
 
 import argparse
 import json
@@ -35,6 +35,7 @@ def _generate_parser(sub) -> None:
     model.add_argument("--model", help=f"built-in name, name under $FLUXION_HOME, or folder (default {DEFAULT_MODEL})")
     model.add_argument("--device", help="cuda, mps, cpu (default: the best available)")
     model.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    _lora_flag(model)
     gen = p.add_argument_group("generation")
     gen.add_argument("--prompt-file", type=Path, help="one prompt per line")
     gen.add_argument("--negative-prompt")
@@ -65,6 +66,47 @@ def _generate_parser(sub) -> None:
     out.add_argument("--from-image", type=Path, help="reproduce a PNG written by fluxion (flags given override)")
 
 
+def _lora_flag(group) -> None:
+    group.add_argument("--lora", action="append", metavar="PATH_OR_NAME[:SCALE]",
+                       help="apply a LoRA file (or a name: built-in, e.g. star, or under $FLUXION_HOME/loras) at "
+                            "SCALE (default 1); repeat to stack adapters")
+
+
+def parse_lora(raw: str) -> tuple[str, float]:
+    """'star', 'star:0.8', 'path/to/file.safetensors:1.2' -> (name or path, scale)."""
+    from .settings import lora_scale
+
+    spec, sep, tail = raw.rpartition(":")
+    if not sep:
+        return raw, 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        return raw, 1.0  # a ':' inside the path
+    if not spec:
+        raise InputError(f"--lora: expected PATH_OR_NAME[:SCALE], got {raw!r}")
+    return spec, lora_scale(f"--lora {spec} scale", scale)
+
+
+def apply_loras(pipe, specs: list[str] | None, records: list[dict] | None = None) -> None:
+    """Load --lora adapters into the pipeline; without any, the adapters an image recorded (--from-image), each
+    found by its file name with the recorded sha256."""
+    from .registry import find_lora
+
+    if specs:
+        for spec, scale in map(parse_lora, specs):
+            pipe.load_lora(spec, scale=scale)
+        return
+    for record in records or []:
+        try:
+            path = find_lora(record["file"], sha256=record["sha256"])
+        except ModelNotFoundError as e:
+            raise ModelNotFoundError(f"--from-image: the image was made with LoRA {record['name']!r} "
+                                     f"(scale {record['scale']:g}), which is missing: {e}. Pass it with --lora "
+                                     "PATH:SCALE") from None
+        pipe.load_lora(path, name=record["name"], scale=record["scale"])
+
+
 # generate's flags, by the name GenerationRequest and the image record give them
 _RECORD_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "model": "model",
                  "num_inference_steps": "steps", "guidance_scale": "guidance", "true_cfg_scale": "true_cfg",
@@ -81,6 +123,7 @@ def _resolve_generate_args(args) -> dict:
         record = read_settings(args.from_image)
         s = {flag: getattr(record, name) for name, flag in _RECORD_FLAGS.items()}
         s["seed"] = [record.seed]
+        s["loras"] = record.loras
     for key in (*_RECORD_FLAGS.values(), "seed", "num_images"):
         value = getattr(args, key)
         if value is not None:
@@ -162,11 +205,16 @@ def slug(text: str, limit: int = 60) -> str:
 def cmd_generate(args) -> None:
     from .metadata import GenerationSettings, PNG_KEY, save_png
     from .pipeline import Pipeline
+    from .registry import find_lora
 
     target = OutputTarget.parse(args.out)
     s = _resolve_generate_args(args)
     request = generation_request(s, args)
+    if args.lora:
+        for spec, _ in map(parse_lora, args.lora):  # a wrong name fails before the model loads
+            find_lora(spec)
     pipe = Pipeline.from_pretrained(s.get("model") or DEFAULT_MODEL, device=s.get("device"), dtype=s.get("dtype"))
+    apply_loras(pipe, args.lora, s.get("loras"))
     images = (image for batch in pipe.generate_batches(request, progress=True, vae_tiling=args.vae_tiling)
               for image in batch)
     for i, image in enumerate(images):  # saved as each batch finishes: Ctrl-C keeps the images already made
@@ -207,8 +255,8 @@ def describe(path: Path) -> dict:
     info = {"path": str(path), "component": source.component, "layout": source.layout}
     if source.component == "transformer":
         kind = {64: "", 384: " (fill: image + mask conditioning)", 128: " (control: depth/canny conditioning)"}
-        info["variant"] = ("dev (guidance-distilled)" if params.guidance_embed else "schnell or pro (no guidance input)") \
-            + kind.get(params.in_channels, f" (img_in width {params.in_channels})")
+        variant = "dev (guidance-distilled)" if params.guidance_embed else "schnell or pro (no guidance input)"
+        info["variant"] = variant + kind.get(params.in_channels, f" (img_in width {params.in_channels})")
     info["params"] = asdict(params)
     info["num_parameters"] = sum(i.num_params for i in source.infos)
     info["bytes"] = sum(i.total_bytes for i in source.infos)
@@ -251,6 +299,7 @@ def cmd_eval(args) -> None:
     if not args.spec.is_file():
         raise InputError(f"--spec: no such file {args.spec}")
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    apply_loras(pipe, args.lora)
 
     def generate(prompts, seeds):
         return pipe(prompts, seed=seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -262,6 +311,36 @@ def cmd_eval(args) -> None:
           f"{images_per_prompt}; report: {args.out}/results.json and contact sheets")
 
 
+def _lora_base(path: Path, model: str | None):
+    """The transformer a LoRA file is read against: --model, else the base model its header names (on the meta
+    device: only the module shapes matter)."""
+    import torch
+
+    from .checkpoints import open_checkpoint
+    from .checkpoints.io import read_checkpoint_info
+    from .model import Flux
+    from .registry import resolve
+
+    name = model or read_checkpoint_info(path).metadata.get("fluxion.base_model")
+    if not name:
+        raise InputError(f"{path} does not name its base model: pass --model (the model it was trained for)")
+    with torch.device("meta"):
+        return Flux(open_checkpoint(resolve(name).transformer).params())
+
+
+def cmd_lora(args) -> None:
+    from .lora import convert_lora, describe_lora
+    from .registry import find_lora
+
+    path = find_lora(str(args.file))
+    if args.lora_command == "info":
+        model = _lora_base(path, args.model) if args.model else None
+        print(json.dumps(describe_lora(path, model), indent=2))
+    else:
+        out = convert_lora(path, args.out, to=args.to, model=_lora_base(path, args.model))
+        print(f"wrote {out}")
+
+
 def cmd_train(args) -> None:
     from .settings import integer
     from .training import run
@@ -269,7 +348,7 @@ def cmd_train(args) -> None:
     max_steps = None if args.max_steps is None else integer("max_steps", args.max_steps, 1, 10**9)
     if not args.config.is_file():
         raise InputError(f"config: no such recipe {args.config}")
-    out = run(args.config, resume=not args.no_resume, max_steps=max_steps)
+    out = run(args.config, resume=not args.no_resume, max_steps=max_steps, out_dir=args.out_dir)
     print(f"run folder: {out}")
 
 
@@ -302,17 +381,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"])
+    _lora_flag(p)
     p.add_argument("--out", type=Path, default=Path("eval-out"))
+
+    p = sub.add_parser("lora", help="inspect and convert LoRA files")
+    lora = p.add_subparsers(dest="lora_command", required=True)
+    q = lora.add_parser("info", help="format, rank, alpha, targets and what maps where")
+    q.add_argument("file", help="a LoRA file, or a built-in adapter's name")
+    q.add_argument("--model", help="also map the file onto this model's modules")
+    q = lora.add_parser("convert", help="rewrite a LoRA file in another layout")
+    q.add_argument("file", help="a LoRA file, or a built-in adapter's name")
+    q.add_argument("out", type=Path)
+    q.add_argument("--to", choices=["peft", "kohya", "comfy"], required=True)
+    q.add_argument("--model", help="the model it applies to (default: the base model its header names)")
 
     p = sub.add_parser("train", help="train a model from a TOML recipe (resumes by default)")
     p.add_argument("config", type=Path)
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--max-steps", type=int)
+    p.add_argument("--out-dir", type=Path, help="put the run (and its model or adapter) here instead of the "
+                                                "recipe's run.out_dir; the recipe's export.dir is then skipped")
     return parser
 
 
 COMMANDS = {"generate": cmd_generate, "models": cmd_models, "info": cmd_info, "convert": cmd_convert,
-            "eval": cmd_eval, "train": cmd_train}
+            "eval": cmd_eval, "lora": cmd_lora, "train": cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
-"""Atomic file writes: readers see the old file or the whole new one, never a half-written one."""
+"""Atomic file writes (readers see the old file or the whole new one, never a half-written one) and file hashes."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -106,3 +107,12 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The hex SHA-256 of a file's bytes, read in chunks (weights files can be many GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

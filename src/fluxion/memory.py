@@ -10,26 +10,25 @@ from torch import nn
 
 from .model.configs import AutoEncoderParams, FluxParams
 
-# Working memory per token of one transformer forward, in units of the hidden size: about 20 activations of the
+# Working memory per token of one transformer forward, in units of the hidden size: about 16 activations of the
 # model dtype live at once in a single-stream block (x, linear1's 3D + 4D output, q and k, the attention and MLP
 # outputs and their concatenation), plus about 8 float32 ones (RMSNorm and RoPE compute in float32); RoPE's
 # angles add ~24 bytes per head channel (float64 angles, complex128 then complex64 rotations). Measured on the CPU
-# (tiny-schnell, 256-1024 px, batch 1-4): 18.8-21.7 KB per token in fp32 and 17.5 KB in bf16, against 23.0 and
-# 15.4 KB from these constants.
-TRANSFORMER_DTYPE_UNITS = 20
+# (tiny-schnell, fp32, 512-1024 px, batch 2-4): 16.7-20.8 KB per token, against 20.0 KB from these constants.
+TRANSFORMER_DTYPE_UNITS = 16
 TRANSFORMER_FP32_UNITS = 8
 ROPE_BYTES_PER_HEAD_CHANNEL = 24
 # The VAE decoder peaks at full resolution, where about 4.5 activations of the widest full-resolution layer (the
 # upsample from level 1) live at once, GroupNorm and conv workspaces included.
 VAE_UNITS = 4.5
-# What a job's first run at a new size takes besides its activations (oneDNN primitive caches, allocator arenas).
-JOB_OVERHEAD = 80 * 2**20
-# Measured on the CPU with tiny-schnell in fp32 (peak RSS growth of whole jobs, tests/test_memory.py): 167, 390,
-# 798 and 1175 MB at 256-1024 px (these constants: 155, 382, 760, 1288), and 171-442 MB for transformer-only runs
-# of batch 2-4 at 512-1024 px (177-460).
-VAE_TILE = 512
+# Measured on the CPU with tiny-schnell in fp32 (peak RSS growth of jobs in a warmed-up process,
+# benchmarks/memory_estimate.py): 83, 291, 634 and 1108 MB for whole jobs at 256-1024 px (these constants: 75, 302,
+# 679, 1208), and 70-342 MB for transformer-only runs of batch 2-4 at 512-1024 px (84-330). One-time costs of a
+# process's first job are not counted (importing the FLOP counter behind --allow-any-size's time estimate: ~80 MB);
+# the headroom below covers them.
+VAE_TILE = 512  # pixels a side of a tile in the tiled decode (AutoEncoder.decode_tiled's 64 latent pixels)
 # A job may take this share of the memory still available: the rest stays for the system and the estimate's error.
-MEMORY_HEADROOM = 0.9  # pixels a side of a tile in the tiled decode (AutoEncoder.decode_tiled's 64 latent pixels)
+MEMORY_HEADROOM = 0.9
 
 
 @dataclass(frozen=True)
@@ -40,11 +39,10 @@ class MemoryEstimate:
     weights: int
     transformer: int
     vae: int
-    overhead: int = JOB_OVERHEAD
 
     @property
     def working(self) -> int:
-        return self.overhead + max(self.transformer, self.vae)
+        return max(self.transformer, self.vae)
 
     @property
     def total(self) -> int:

@@ -35,6 +35,7 @@ class GenerationSettings:
     mask_image: str | None = None
     device: str | None = None
     dtype: str | None = None
+    loras: list[dict] | None = None  # active adapters: name, file (its name), sha256 of its bytes, scale
     fluxion_version: str = field(default=__version__)
 
     def to_json(self) -> str:

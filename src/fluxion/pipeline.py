@@ -110,6 +110,7 @@ class Pipeline:
         self.name = name
         self.sizes = sizes  # the sizes the model supports (None: any multiple of 16)
         self.text_positions = text_positions  # number the prompt's tokens in RoPE (sampling.text_ids)
+        self.lora_files: dict[str, tuple[str, str]] = {}  # loaded adapter -> (file name, sha256), for the record
 
     @classmethod
     def random_tiny(cls, *, device=None, dtype=None) -> "Pipeline":
@@ -148,29 +149,72 @@ class Pipeline:
 
     # -- LoRA adapters (fluxion.lora): applied to the transformer, switchable per call without a reload -----------
     def load_lora(self, path, name: str | None = None, scale: float = 1.0, strict: bool = True) -> str:
+        """Apply a LoRA file (a path, or a name under $FLUXION_HOME/loras or built in, e.g. "star"), unfused and
+        active at `scale`; returns its name. Its text-encoder part goes to FLUX's CLIP-L and T5 (a model reading
+        MiniLM has none: strict refuses such a file, strict=False skips that part). Images made with it record
+        its file name, sha256 and scale."""
+        from .checkpoints.io import read_checkpoint_info
+        from .files import sha256_file
         from .lora import load_lora
+        from .registry import find_lora
+        from .settings import lora_scale
 
-        return load_lora(self.transformer, path, scale=scale, name=name, strict=strict)
+        scale = lora_scale("scale", scale)
+        file = find_lora(str(path))
+        base = read_checkpoint_info(file).metadata.get("fluxion.base_model")
+        if base and base != self.name:
+            log.warning("LoRA %s was trained for %s; applying it to %s", file.name, base, self.name)
+        name = load_lora(self.transformer, file, scale=scale, name=name, strict=strict,
+                         text_encoders=self._text_encoder_modules())
+        self.lora_files[name] = (file.name, sha256_file(file))
+        return name
+
+    def _text_encoder_modules(self) -> dict[str, torch.nn.Module]:
+        """The Hugging Face models a LoRA's text-encoder part may target (FLUX's CLIP-L and T5)."""
+        te = self.text_encoder
+        return {part: getattr(te, attr).hf_module for part, attr in (("clip_l", "clip"), ("t5", "t5"))
+                if hasattr(getattr(te, attr, None), "hf_module")}
+
+    def _lora_carriers(self) -> list[torch.nn.Module]:
+        """The modules holding adapters: the transformer, and text encoders a file reached."""
+        return [self.transformer] + [m for m in self._text_encoder_modules().values() if hasattr(m, "_fluxion_lora")]
 
     def set_loras(self, scales: dict[str, float]) -> None:
-        from .lora import set_loras
+        """Make exactly these loaded adapters active, at these scales (the others stay loaded, at 0)."""
+        from .lora import loaded_adapters, set_loras
+        from .settings import lora_scale
 
+        scales = {name: lora_scale(f"scales[{name!r}]", s) for name, s in scales.items()}
         set_loras(self.transformer, scales)
+        for encoder in self._lora_carriers()[1:]:
+            set_loras(encoder, {n: s for n, s in scales.items() if n in loaded_adapters(encoder)})
 
     def fuse_loras(self) -> None:
         from .lora import fuse_loras
 
-        fuse_loras(self.transformer)
+        for module in self._lora_carriers():
+            fuse_loras(module)
 
     def unfuse_loras(self) -> None:
         from .lora import unfuse_loras
 
-        unfuse_loras(self.transformer)
+        for module in self._lora_carriers():
+            unfuse_loras(module)
 
     def unload_loras(self) -> None:
         from .lora import unload_loras
 
-        unload_loras(self.transformer)
+        for module in self._lora_carriers():
+            unload_loras(module)
+        self.lora_files = {}
+
+    def lora_records(self) -> list[dict] | None:
+        """The active adapters as images record them (settings.lora_records), or None without any."""
+        from .lora import loaded_adapters
+
+        active = {name: scale for name, scale in loaded_adapters(self.transformer).items() if scale != 0.0}
+        return [{"name": name, "file": self.lora_files[name][0], "sha256": self.lora_files[name][1], "scale": scale}
+                for name, scale in active.items() if name in self.lora_files] or None
 
     # -- pieces, usable one by one ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -333,7 +377,7 @@ class Pipeline:
             advice.append("bf16 (dtype='bf16', --dtype bf16), about half the activations")
         if max_memory is not None:
             advice.append("a larger max_memory (--max-memory)")
-        parts = f"transformer {gib(est.transformer)}, VAE decode {gib(est.vae)}, overhead {gib(est.overhead)}"
+        parts = f"transformer {gib(est.transformer)}, VAE decode {gib(est.vae)}"
         needs = (f"{gib(est.total)} in all (weights {gib(est.weights)}, {parts})" if max_memory is not None else
                  f"{gib(est.working)} beyond its {gib(est.weights)} of loaded weights ({parts})")
         raise InputError(f"one {job.width}x{job.height} image needs about {needs}, more than {where}; try "
@@ -420,6 +464,7 @@ class Pipeline:
         if r.output_type == "pt":
             return pixels
         images = tensor_to_images(pixels)
+        loras = self.lora_records()
         for i, im in enumerate(images):
             settings = GenerationSettings(
                 prompt=prompts[i], negative_prompt=negatives[i] if job.use_cfg else None, seed=seeds[i],
@@ -427,7 +472,8 @@ class Pipeline:
                 guidance_scale=job.guidance if self.transformer.params.guidance_embed else None,
                 true_cfg_scale=job.true_cfg if job.use_cfg else 1.0, strength=r.strength, sigmas=r.sigmas,
                 init_image=r.init_image_path, mask_image=r.mask_image_path,
-                model=self.name, variant=self.variant, device=self.device.type, dtype=dtype_name(self.dtype))
+                model=self.name, variant=self.variant, device=self.device.type, dtype=dtype_name(self.dtype),
+                loras=loras)
             im.info[PNG_KEY] = settings.to_json()
         return images
 

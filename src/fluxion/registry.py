@@ -9,6 +9,7 @@ from .errors import InputError, ModelFolderError, ModelNotFoundError
 from .settings import FLUX1_SIZES, VARIANT_NAMES, SizeRange
 
 BUILTIN_MODELS = Path(__file__).parent / "models"
+BUILTIN_LORAS = Path(__file__).parent / "loras"
 MANIFEST = "fluxion.json"
 # The shipped model with the best eval score per second of generation (measured in the README).
 DEFAULT_MODEL = "tiny-schnell"
@@ -57,6 +58,26 @@ def resolve(name_or_path: str) -> ModelFiles:
         f"Give a diffusers folder, a folder with BFL files (flux1-*.safetensors, ae.safetensors, t5/, clip/), "
         f"or a name under $FLUXION_HOME. Built-in models: {', '.join(available) or 'none'}"
     )
+
+
+def lora_paths(name: str) -> list[Path]:
+    file = name if name.endswith(".safetensors") else f"{name}.safetensors"
+    return [Path(name).expanduser(), fluxion_home() / "loras" / file, BUILTIN_LORAS / file]
+
+
+def find_lora(name_or_path: str, sha256: str | None = None) -> Path:
+    """A LoRA file: an existing path, else $FLUXION_HOME/loras/<name>.safetensors, else a built-in adapter. With
+    `sha256` (a record's), only a file with those bytes counts."""
+    from .files import sha256_file
+
+    looked = lora_paths(name_or_path)
+    for path in looked:
+        if path.is_file() and (sha256 is None or sha256_file(path) == sha256):
+            return path
+    available = sorted(p.stem for p in BUILTIN_LORAS.glob("*.safetensors"))
+    which = f" with sha256 {sha256}" if sha256 else ""
+    raise ModelNotFoundError(f"LoRA {name_or_path!r}{which} not found; looked in: {', '.join(map(str, looked))}. "
+                             f"Built-in adapters: {', '.join(available) or 'none'}")
 
 
 def _require(path: Path, what: str) -> Path:

@@ -87,6 +87,30 @@ def optional(check, name: str, value, *args, **kwargs):
     return None if value is None else check(name, value, *args, **kwargs)
 
 
+MAX_LORA_SCALE = 10.0  # adapters are made for 0-1.5; negative scales subtract what an adapter learned
+
+
+def lora_scale(name: str, value) -> float:
+    return number(name, value, -MAX_LORA_SCALE, MAX_LORA_SCALE)
+
+
+def lora_records(name: str, value) -> list[dict]:
+    """The adapters an image was made with: [{"name", "file", "sha256", "scale"}, ...]."""
+    if not isinstance(value, list):
+        raise invalid(name, value, "a list of {name, file, sha256, scale} records")
+    out = []
+    for i, record in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(record, dict) or set(record) != {"name", "file", "sha256", "scale"}:
+            raise invalid(where, record, "a record with exactly the keys name, file, sha256, scale")
+        digest = text(f"{where}.sha256", record["sha256"])
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise invalid(f"{where}.sha256", digest, "64 lowercase hex digits")
+        out.append({"name": text(f"{where}.name", record["name"]), "file": text(f"{where}.file", record["file"]),
+                    "sha256": digest, "scale": lora_scale(f"{where}.scale", record["scale"])})
+    return out
+
+
 def texts(name: str, value, n: int | None = None, allow_none: bool = False) -> list:
     """A string (repeated n times) or a list of n strings (None entries allowed with allow_none)."""
     if isinstance(value, str) or (allow_none and value is None):
@@ -289,5 +313,6 @@ RECORD_CHECKS = {
     "mask_image": lambda v: optional(text, "mask_image", v),
     "device": lambda v: optional(text, "device", v),
     "dtype": lambda v: optional(choice, "dtype", v, ("fp32", "bf16", "fp16")),
+    "loras": lambda v: optional(lora_records, "loras", v),
     "fluxion_version": lambda v: text("fluxion_version", v),
 }

@@ -8,7 +8,8 @@ from PIL import Image
 
 from fluxion.data.captions import caption
 from fluxion.data.render import render
-from fluxion.data.shapes import BUCKETS, P_RELATION, TRAIN_SHAPES, Scene, check_layout, sample_scene
+from fluxion.data.shapes import (ALL_SHAPES, BUCKETS, HELD_OUT_PAIRS, HELD_OUT_SHAPES, P_RELATION, TRAIN_SHAPES, Scene,
+                                 check_layout, sample_scene)
 from fluxion.errors import InputError
 
 
@@ -22,11 +23,14 @@ class ShapesDataset:
     """Item i is a function of (seed, i) only: its bucket is `buckets[i % len(buckets)]`, its scene and caption
     come from a generator seeded with (seed, i). Held-out pairs and shapes appear only with `allow_held_out`.
     `layout` places pairs (shapes.LAYOUTS); with "halves", a caption naming a pair without its relation names
-    it in reading order."""
+    it in reading order. With `teach` (a held-out shape, e.g. the star for a LoRA), the first `teach_images`
+    items (default: all) each show that shape, drawn from `shapes`; the items after them are ordinary scenes of
+    the other shapes (DreamBooth's prior-preservation images). Held-out colour pairs stay out either way."""
 
     def __init__(self, seed: int = 0, length: int = 1_000_000, buckets: Sequence[tuple[int, int]] = BUCKETS, *,
                  allow_held_out: bool = False, shapes: tuple[str, ...] = TRAIN_SHAPES,
-                 p_relation: float = P_RELATION, layout: str = "spread"):
+                 p_relation: float = P_RELATION, layout: str = "spread", teach: str | None = None,
+                 teach_images: int | None = None):
         if length < 1 or not buckets:
             raise InputError(f"ShapesDataset needs length >= 1 and at least one bucket, got length={length}, "
                              f"buckets={buckets}")
@@ -37,6 +41,16 @@ class ShapesDataset:
         if not 0.0 <= p_relation <= 1.0:
             raise InputError(f"p_relation must be in [0, 1], got {p_relation}")
         check_layout(layout)
+        unknown = sorted(set(shapes) - set(ALL_SHAPES))
+        if unknown or not shapes:
+            raise InputError(f"shapes must be some of {ALL_SHAPES}, got {tuple(shapes)}")
+        if teach is not None and (teach not in HELD_OUT_SHAPES or teach not in shapes):
+            raise InputError(f"teach must be a held-out shape ({sorted(HELD_OUT_SHAPES)}) listed in shapes "
+                             f"{tuple(shapes)}, got {teach!r}")
+        if teach_images is not None and not (teach and 1 <= teach_images <= length):
+            raise InputError(f"teach_images={teach_images} needs `teach` and must be in 1..length ({length})")
+        self.teach = teach
+        self.teach_images = length if teach_images is None else teach_images
         self.allow_held_out, self.shapes, self.p_relation, self.layout = allow_held_out, shapes, p_relation, layout
 
     def __len__(self) -> int:
@@ -49,8 +63,14 @@ class ShapesDataset:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for ShapesDataset of length {self.length}")
         rng = np.random.default_rng((self.seed, index))
-        scene = sample_scene(rng, self.bucket_for_index(index), allow_held_out=self.allow_held_out,
-                             shapes=self.shapes, p_relation=self.p_relation, layout=self.layout)
+        teaching = self.teach is not None and index < self.teach_images
+        shapes = self.shapes if self.teach is None or teaching else tuple(s for s in self.shapes if s != self.teach)
+        while True:  # teaching: draw until the scene shows the taught shape and no held-out pair
+            scene = sample_scene(rng, self.bucket_for_index(index), allow_held_out=self.allow_held_out or teaching,
+                                 shapes=shapes, p_relation=self.p_relation, layout=self.layout)
+            if not teaching or (any(o.shape == self.teach for o in scene.objects) and
+                                not any((o.color, o.shape) in HELD_OUT_PAIRS for o in scene.objects)):
+                break
         return scene, caption(scene, rng, reading_order=self.layout == "halves")
 
     def image(self, index: int) -> tuple[Image.Image, str]:

@@ -109,7 +109,8 @@ def cache_key(autoencoder_path: Path, dataset: ShapesDataset, text_encoder) -> s
                          "text": type(text_encoder).__name__, "text_length": text_encoder.max_length,
                          "text_dim": text_encoder.context_dim,
                          # only when not the default, so caches built before layouts existed stay valid
-                         **({"layout": dataset.layout} if dataset.layout != "spread" else {})},
+                         **({"layout": dataset.layout} if dataset.layout != "spread" else {}),
+                         **({"teach": dataset.teach, "teach_images": dataset.teach_images} if dataset.teach else {})},
                         sort_keys=True).encode())
     return h.hexdigest()
 

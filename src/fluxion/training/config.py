@@ -7,15 +7,26 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.shapes import BUCKETS, LAYOUTS, P_RELATION
+from ..data.shapes import ALL_SHAPES, BUCKETS, HELD_OUT_SHAPES, LAYOUTS, P_RELATION, TRAIN_SHAPES
 from ..errors import InputError
 from ..model.configs import AUTOENCODER_PRESETS, TRANSFORMER_PRESETS, AutoEncoderParams, FluxParams
 from ..pipeline import VARIANTS, VariantDefaults
 
-STAGES = ("vae", "flow", "guidance", "fewstep")
+STAGES = ("vae", "flow", "guidance", "fewstep", "lora")
 PRECISIONS = ("auto", "fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 EXPORT_DTYPES = ("fp32", "bf16", "fp16")
+LORA_LAYOUTS = ("peft", "kohya", "comfy")
+# What a LoRA recipe's objective.targets may name besides glob patterns of module paths (fnmatch).
+LORA_TARGET_GROUPS: dict[str, tuple[str, ...]] = {
+    "attention": ("double_blocks.*.img_attn.qkv", "double_blocks.*.img_attn.proj", "double_blocks.*.txt_attn.qkv",
+                  "double_blocks.*.txt_attn.proj", "single_blocks.*.linear1", "single_blocks.*.linear2"),
+    "mlp": ("double_blocks.*.img_mlp.0", "double_blocks.*.img_mlp.2", "double_blocks.*.txt_mlp.0",
+            "double_blocks.*.txt_mlp.2"),  # (the single blocks' MLP shares linear1/linear2 with attention)
+    "modulation": ("double_blocks.*.img_mod.lin", "double_blocks.*.txt_mod.lin", "single_blocks.*.modulation.lin",
+                   "final_layer.adaLN_modulation.1"),
+    "embedders": ("img_in", "txt_in", "time_in.*", "vector_in.*", "guidance_in.*", "final_layer.linear"),
+}
 
 DEFAULT_PROMPTS = [
     "a red circle", "two blue squares", "a green triangle left of a yellow circle",
@@ -49,6 +60,9 @@ class DataConfig:
     p_relation: float = P_RELATION  # share of two-object relation scenes; the rest are 1-4 copies of one object
     text_length: int = 32  # MiniLM tokens per caption (padded); recorded in the model's manifest for inference
     layout: str = "spread"  # where a pair's objects go (fluxion.data.shapes.LAYOUTS)
+    shapes: list[str] = field(default_factory=lambda: list(TRAIN_SHAPES))  # the shapes scenes are drawn from
+    teach: str = ""  # a held-out shape the first teach_images scenes show (a LoRA teaching it); "" = none
+    teach_images: int = 0  # 0 = all; the rest are ordinary scenes without it (prior preservation)
 
 
 @dataclass
@@ -120,7 +134,28 @@ class FewStepObjective:
     student_rollout: float = 0.0
 
 
-OBJECTIVES = {"vae": VAEObjective, "flow": FlowObjective, "guidance": GuidanceObjective, "fewstep": FewStepObjective}
+@dataclass
+class LoRAObjective:
+    """A low-rank adapter of the frozen model.init_from (DreamBooth-style): flow matching on the taught images,
+    and on the prior-preservation images the data's flow or the base's own velocity (prior_target)."""
+
+    rank: int = 8
+    alpha: float = 8.0  # the update is (alpha / rank) * up @ down
+    targets: list[str] = field(default_factory=lambda: ["attention"])  # LORA_TARGET_GROUPS names or globs
+    guidance: float = 1.0  # the guidance input of a dev base model on the taught images
+    # The prior-preservation images (data.teach_images onwards): "data" regresses their flow like the taught ones;
+    # "base" regresses the frozen base model's own velocity there, at guidance drawn from prior_guidance, so the
+    # adapter keeps the base's function (at every guidance a dev model is used with) instead of refitting the images.
+    prior_target: str = "data"
+    prior_guidance: list[float] = field(default_factory=lambda: [1.0, 6.0])
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    shift: bool = True
+    caption_dropout: float = 0.1
+
+
+OBJECTIVES = {"vae": VAEObjective, "flow": FlowObjective, "guidance": GuidanceObjective, "fewstep": FewStepObjective,
+              "lora": LoRAObjective}
 
 
 @dataclass
@@ -141,6 +176,7 @@ class ExportConfig:
     dir: str = ""  # copy the finished model here (e.g. src/fluxion/models/tiny-pro); "" = keep it in the run only
     dtype: str = "bf16"  # floating tensors of the exported files
     defaults: dict = field(default_factory=dict)  # the manifest's generation defaults (VariantDefaults fields)
+    layouts: list[str] = field(default_factory=lambda: ["peft"])  # LoRA stage: the adapter files to write
 
 
 @dataclass
@@ -150,7 +186,7 @@ class TrainConfig:
     model: ModelConfig
     optim: OptimConfig
     ema: EMAConfig
-    objective: VAEObjective | FlowObjective | GuidanceObjective | FewStepObjective
+    objective: VAEObjective | FlowObjective | GuidanceObjective | FewStepObjective | LoRAObjective
     log: LogConfig
     export: ExportConfig
     source: str = "<dict>"
@@ -231,6 +267,15 @@ def _validate(cfg: TrainConfig) -> None:
                  f"must be [height, width], multiples of 16, got {b}")
     _require(len(cfg.data.buckets) >= 1, s, "data.buckets", "must list at least one bucket")
     _require(cfg.data.layout in LAYOUTS, s, "data.layout", f"must be one of {LAYOUTS}, got {cfg.data.layout!r}")
+    for i, shape in enumerate(cfg.data.shapes):
+        _require(shape in ALL_SHAPES, s, f"data.shapes[{i}]", f"must be one of {ALL_SHAPES}, got {shape!r}")
+    _require(bool(cfg.data.shapes), s, "data.shapes", "must list at least one shape")
+    held = sorted(set(cfg.data.shapes) & HELD_OUT_SHAPES - {cfg.data.teach})
+    _require(not held, s, "data.shapes", f"lists held-out shapes {held}; only data.teach may bring one in")
+    _require(0 <= cfg.data.teach_images <= cfg.data.num_images and (cfg.data.teach or not cfg.data.teach_images), s,
+             "data.teach_images", f"must be in 0..data.num_images and needs data.teach, got {cfg.data.teach_images}")
+    _require(not cfg.data.teach or cfg.data.teach in cfg.data.shapes, s, "data.teach",
+             f"must be one of data.shapes {cfg.data.shapes}, got {cfg.data.teach!r}")
     _require(0.0 <= cfg.data.p_relation <= 1.0, s, "data.p_relation", f"must be in [0, 1], got {cfg.data.p_relation}")
     _require(3 <= cfg.data.text_length <= 512, s, "data.text_length",
              f"must be in [3, 512] ([CLS], a token, [SEP]; MiniLM's 512 positions), got {cfg.data.text_length}")
@@ -254,6 +299,8 @@ def _validate(cfg: TrainConfig) -> None:
     for k in cfg.export.defaults:
         _require(k in allowed, s, f"export.defaults.{k}", f"is not a generation default ({', '.join(sorted(allowed))})")
     _require(cfg.export.dtype in EXPORT_DTYPES, s, "export.dtype", f"must be one of {EXPORT_DTYPES}")
+    for i, layout in enumerate(cfg.export.layouts):
+        _require(layout in LORA_LAYOUTS, s, f"export.layouts[{i}]", f"must be one of {LORA_LAYOUTS}, got {layout!r}")
 
     o = cfg.optim
     _require(o.lr > 0, s, "optim.lr", f"must be > 0, got {o.lr}")
@@ -266,7 +313,18 @@ def _validate(cfg: TrainConfig) -> None:
              f"must be a multiple of 16, got {cfg.log.sample_size}")
 
     obj = cfg.objective
-    if isinstance(obj, (FlowObjective, GuidanceObjective)):
+    if isinstance(obj, LoRAObjective):
+        _require(obj.rank >= 1, s, "objective.rank", f"must be >= 1, got {obj.rank}")
+        _require(obj.alpha > 0, s, "objective.alpha", f"must be > 0, got {obj.alpha}")
+        _require(bool(obj.targets), s, "objective.targets",
+                 f"must list module groups ({', '.join(LORA_TARGET_GROUPS)}) or glob patterns of module paths")
+        _require(bool(cfg.model.init_from), s, "model.init_from", "is required for stage 'lora' (the base model)")
+        _require(obj.prior_target in ("data", "base"), s, "objective.prior_target",
+                 f"must be 'data' or 'base', got {obj.prior_target!r}")
+        lo_hi = obj.prior_guidance
+        _require(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1], s, "objective.prior_guidance",
+                 f"must be [low, high] with 0 < low <= high, got {lo_hi}")
+    if isinstance(obj, (FlowObjective, GuidanceObjective, LoRAObjective)):
         _require(0 <= obj.caption_dropout <= 1, s, "objective.caption_dropout", "must be in [0, 1]")
         _require(obj.t_std > 0, s, "objective.t_std", f"must be > 0, got {obj.t_std}")
     if isinstance(obj, GuidanceObjective):

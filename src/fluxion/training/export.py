@@ -1,5 +1,6 @@
 """A finished run as a model folder (BFL-layout safetensors + fluxion.json), and its export for shipping."""
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -69,6 +70,35 @@ def export_model(src: Path, dst: Path, dtype: str = "bf16") -> Path:
         log.info("exported %s -> %s: %.1f MB of safetensors", src, dst, total / 1e6)
 
     return atomic_folder(dst, build)
+
+
+def base_model_name(transformer_path: str) -> str:
+    """The name in the manifest beside a transformer file (a built-in model's), else the file's path."""
+    manifest_path = Path(transformer_path).parent / MANIFEST
+    if manifest_path.is_file():
+        try:
+            return str(json.loads(manifest_path.read_text())["name"])
+        except (ValueError, KeyError):
+            pass
+    return str(transformer_path)
+
+
+def export_adapter(src: Path, dst_dir: Path, dtype: str = "bf16") -> Path:
+    """Copy a finished LoRA file into a folder of adapters (floating tensors cast to `dtype`, header kept)."""
+    if not src.is_file():
+        raise FileNotFoundError(f"nothing to export: {src} does not exist (has the run finished?)")
+    target = DTYPES[dtype]
+    sd = {k: v.to(target) if v.is_floating_point() else v for k, v in load_state_dict(src).items()}
+    out = save_state_dict(sd, dst_dir / src.name, metadata=read_checkpoint_info(src).metadata)
+    log.info("exported %s -> %s: %.1f kB (%s)", src, out, out.stat().st_size / 1e3, dtype)
+    return out
+
+
+def export_run(cfg: TrainConfig, folder: Path, dest: Path) -> Path:
+    """A finished run's shipped form: the model folder, or for a LoRA run its adapter file into `dest`."""
+    if cfg.run.stage == "lora":
+        return export_adapter(folder / f"{cfg.run.name}.safetensors", dest, cfg.export.dtype)
+    return export_model(folder, dest, cfg.export.dtype)
 
 
 def folder_bytes(folder: Path) -> int:

@@ -16,7 +16,7 @@ from ..files import atomic_write
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import ConfigError, OptimConfig, TrainConfig, load_config
 from .ema import EMA
-from .export import copy_file, export_model
+from .export import copy_file, export_run
 from .plots import loss_curve, save_image
 from .stages import STAGES
 
@@ -101,11 +101,14 @@ def _diverged(what: str, value: float, step: int, checkpoint: Path) -> TrainingD
                             "Lower optim.lr or tighten optim.grad_clip, then run again to resume from it")
 
 
-def run(config_path: str | Path, *, resume: bool = True, max_steps: int | None = None) -> Path:
+def run(config_path: str | Path, *, resume: bool = True, max_steps: int | None = None,
+        out_dir: str | Path | None = None) -> Path:
     """Train the stage a recipe describes, resuming from its checkpoint when there is one; stop after `max_steps`
     (total, not additional) if given. Returns the run folder; a finished run holds the model in run/model/ and,
-    with [export] dir, a copy there."""
+    with [export] dir, a copy there. `out_dir` replaces the recipe's run.out_dir and skips its export.dir."""
     cfg: TrainConfig = load_config(config_path)
+    if out_dir is not None:  # the run and its result go there; the recipe's export.dir (a shipped copy) is left alone
+        cfg.run.out_dir, cfg.export.dir = str(out_dir), ""
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     copy_file(Path(config_path), out / "config.toml")
@@ -186,7 +189,7 @@ def run(config_path: str | Path, *, resume: bool = True, max_steps: int | None =
     stage.finish(ema.model, folder)
     log.info("finished: model in %s", folder)
     if cfg.export.dir:
-        export_model(folder, Path(cfg.export.dir), cfg.export.dtype)
+        export_run(cfg, folder, Path(cfg.export.dir))
     return out
 
 
@@ -196,4 +199,4 @@ def export(config_path: str | Path, dest: str | Path | None = None) -> Path:
     target = dest or cfg.export.dir
     if not target:
         raise ConfigError(f"{cfg.source}: no export destination: pass `dest` or set export.dir")
-    return export_model(Path(cfg.run.out_dir) / MODEL_DIR, Path(target), cfg.export.dtype)
+    return export_run(cfg, Path(cfg.run.out_dir) / MODEL_DIR, Path(target))

@@ -3,6 +3,7 @@ what it ships. loop.py runs any of them the same way."""
 
 import dataclasses
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,14 +13,16 @@ from torch import Tensor
 
 from ..checkpoints import check_state_dict, load_autoencoder, load_transformer, params_metadata, save_state_dict
 from ..data import ShapesDataset, collate
+from ..lora import add_adapter, unload_adapters
 from ..model import AutoEncoder, Flux
 from ..model.layers import timestep_embedding
 from ..pipeline import tensor_to_images
 from ..sampling import image_ids, pack, schedule_mu, text_ids
 from . import objectives
+from .adapter import LoRAWeights
 from .batches import ENCODE_BATCH, BatchStream, FeatureCache, bucket_indices, load_or_build_feature_cache
 from .config import ConfigError, TrainConfig
-from .export import AUTOENCODER_FILE, TRANSFORMER_FILE, copy_file, write_manifest
+from .export import AUTOENCODER_FILE, TRANSFORMER_FILE, base_model_name, copy_file, write_manifest
 from .plots import image_grid
 
 log = logging.getLogger(__name__)
@@ -29,7 +32,8 @@ def _dataset(cfg: TrainConfig) -> ShapesDataset:
     # held-out pairs and the star stay out of training (ShapesDataset's default)
     return ShapesDataset(seed=cfg.data.seed, length=cfg.data.num_images,
                          buckets=[tuple(b) for b in cfg.data.buckets], p_relation=cfg.data.p_relation,
-                         layout=cfg.data.layout)
+                         layout=cfg.data.layout, shapes=tuple(cfg.data.shapes), teach=cfg.data.teach or None,
+                         teach_images=cfg.data.teach_images or None)
 
 
 def _randn(shape, generator: torch.Generator, like: Tensor) -> Tensor:
@@ -94,6 +98,7 @@ class LatentBatch:
     txt: Tensor  # (B, 32, 384)
     txt_ids: Tensor  # (B, 32, 3)
     vec: Tensor  # (B, 384)
+    prior: Tensor | None = None  # (B,) bool: prior-preservation rows (LoRA stage)
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -149,13 +154,21 @@ class TransformerStage:
         self.empty_txt = self.features.empty_txt.to(device)
         self.empty_vec = self.features.empty_vec.to(device)
         self.batches = BatchStream(self.dataset, cfg.run.batch_size, seed=cfg.run.seed)
-        self.model = Flux(cfg.model_params()).initialize_weights()
-        if cfg.model.init_from:
-            source = load_transformer(cfg.model.init_from, dtype=torch.float32)
-            init_from(self.model, source, cfg.model.init_guidance)
+        self.model = self.build_model()
+
+    def build_model(self) -> torch.nn.Module:
+        """What this stage trains: a Flux from scratch (adaLN-Zero) or grown from model.init_from."""
+        model = Flux(self.cfg.model_params()).initialize_weights()
+        if self.cfg.model.init_from:
+            source = load_transformer(self.cfg.model.init_from, dtype=torch.float32)
+            init_from(model, source, self.cfg.model.init_guidance)
+        return model
 
     def next_batch(self) -> LatentBatch:
-        latents, txt, vec = self.features.batch(next(self.batches))
+        return self.latent_batch(next(self.batches))
+
+    def latent_batch(self, indices: list[int]) -> LatentBatch:
+        latents, txt, vec = self.features.batch(indices)
         B, _, h, w = latents.shape
         d = self.device
         return LatentBatch(pack(latents).to(d), image_ids(B, h, w, d), txt.to(d),
@@ -281,5 +294,72 @@ class FewStepStage(TransformerStage):
         return objectives.fewstep_distillation_loss(v, target), {}
 
 
-STAGES = {"vae": VAEStage, "flow": FlowStage, "guidance": GuidanceStage, "fewstep": FewStepStage}
+class LoRAStage(TransformerStage):
+    """A LoRA (DreamBooth-style): the frozen model.init_from learns new content (the held-out star) through
+    low-rank updates of the target layers, by flow matching on a few captioned images. `model` is the adapter's
+    weights alone (LoRAWeights): the EMA, the checkpoints and the finished files hold just those."""
+
+    def build_model(self) -> LoRAWeights:
+        self.base = load_transformer(self.cfg.model.init_from, dtype=torch.float32, device=self.device)
+        self.base.requires_grad_(False)
+        return LoRAWeights(self.base, self.obj.targets, self.obj.rank, self.obj.alpha)
+
+    @contextmanager
+    def applied(self, weights: LoRAWeights):
+        """The base model with `weights` attached (hooks added for the duration, so EMA and training weights
+        can take turns on one base)."""
+        add_adapter(self.base, weights.adapter(self.cfg.run.name))
+        try:
+            yield self.base
+        finally:
+            unload_adapters(self.base)
+
+    def next_batch(self) -> LatentBatch:
+        indices = next(self.batches)
+        batch = self.latent_batch(indices)
+        batch.prior = torch.tensor([i >= self.dataset.teach_images for i in indices], device=self.device)
+        return batch
+
+    def loss(self, model: LoRAWeights, b: LatentBatch, generator: torch.Generator) -> tuple[Tensor, dict]:
+        txt, vec = self.drop_captions(b, self.obj.caption_dropout, generator)
+        t = self.timesteps(b, generator)
+        noise = _randn(b.x0.shape, generator, b.x0)
+        x_t, target = objectives.interpolate(b.x0, noise, t), noise - b.x0
+        guidance = None
+        if self.base.params.guidance_embed:
+            guidance = torch.full((len(b),), self.obj.guidance, device=self.device)
+        if self.obj.prior_target == "base" and b.prior is not None and b.prior.any():
+            rows = b.prior.nonzero()[:, 0]
+            if guidance is not None:
+                lo, hi = self.obj.prior_guidance
+                guidance[rows] = (lo + (hi - lo) * torch.rand(len(rows), generator=generator)).to(self.device)
+            with torch.no_grad():  # the base alone (no adapter attached yet)
+                target[rows] = self.base(x_t[rows], b.img_ids[rows], txt[rows], b.txt_ids[rows], t[rows], vec[rows],
+                                         guidance=None if guidance is None else guidance[rows]).to(target.dtype)
+        with self.applied(model) as flux:
+            v = flux(x_t, b.img_ids, txt, b.txt_ids, t, vec, guidance=guidance)
+        return torch.nn.functional.mse_loss(v.float(), target.float()), {}
+
+    @torch.no_grad()
+    def sample_grid(self, model: LoRAWeights) -> Image.Image:
+        with self.applied(model) as flux:
+            return super().sample_grid(flux)
+
+    def finish(self, model: LoRAWeights, folder: Path) -> Path:
+        """The adapter in each of export.layouts: <name>.safetensors (PEFT keys, alpha in the header), and
+        <name>-kohya / <name>-comfy.safetensors on request."""
+        from ..lora import save_lora
+
+        metadata = {"fluxion.base_model": base_model_name(self.cfg.model.init_from), "fluxion.recipe": self.cfg.source,
+                    "fluxion.steps": str(self.cfg.run.steps)}
+        adapter = model.adapter(self.cfg.run.name)
+        for layout in self.cfg.export.layouts:
+            suffix = "" if layout == "peft" else f"-{layout}"
+            out = save_lora(adapter, folder / f"{self.cfg.run.name}{suffix}.safetensors", layout=layout,
+                            model=self.base, metadata=metadata)
+        return out
+
+
+STAGES = {"vae": VAEStage, "flow": FlowStage, "guidance": GuidanceStage, "fewstep": FewStepStage,
+          "lora": LoRAStage}
 
