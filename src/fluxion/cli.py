@@ -52,6 +52,7 @@ def _generate_parser(sub) -> None:
     i2i.add_argument("--init-image", type=Path)
     i2i.add_argument("--strength", type=float, help="how much of the init image to regenerate, in (0, 1]")
     i2i.add_argument("--mask", type=Path, help="white = regenerate (needs --init-image)")
+    _cache_flag(gen)
     limits = p.add_argument_group("limits")
     limits.add_argument("--allow-any-size", action="store_true",
                         help="allow sizes outside the model's supported range (warns, with a time estimate)")
@@ -70,6 +71,12 @@ def _lora_flag(group) -> None:
     group.add_argument("--lora", action="append", metavar="PATH_OR_NAME[:SCALE]",
                        help="apply a LoRA file (or a name: built-in, e.g. star, or under $FLUXION_HOME/loras) at "
                             "SCALE (default 1); repeat to stack adapters")
+
+
+def _cache_flag(group) -> None:
+    group.add_argument("--cache", metavar="KIND[:THRESHOLD]",
+                       help="step caching: fbcache (First-Block Cache; threshold 0.15 unless given) skips most of the "
+                            "transformer on steps whose input barely changed")
 
 
 def parse_lora(raw: str) -> tuple[str, float]:
@@ -111,7 +118,7 @@ def apply_loras(pipe, specs: list[str] | None, records: list[dict] | None = None
 _RECORD_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "model": "model",
                  "num_inference_steps": "steps", "guidance_scale": "guidance", "true_cfg_scale": "true_cfg",
                  "width": "width", "height": "height", "init_image": "init_image", "strength": "strength",
-                 "mask_image": "mask", "sigmas": "sigmas", "dtype": "dtype", "device": "device"}
+                 "mask_image": "mask", "sigmas": "sigmas", "dtype": "dtype", "device": "device", "cache": "cache"}
 
 
 def _resolve_generate_args(args) -> dict:
@@ -160,7 +167,7 @@ def generation_request(s: dict, args):
         num_inference_steps=s.get("steps"), guidance_scale=s.get("guidance"), true_cfg_scale=s.get("true_cfg"),
         seed=seeds, num_images_per_prompt=1 if num_images is None else num_images, image=s.get("init_image"),
         strength=1.0 if s.get("strength") is None else s["strength"], mask_image=s.get("mask"),
-        sigmas=s.get("sigmas"), max_memory=args.max_memory,
+        sigmas=s.get("sigmas"), max_memory=args.max_memory, cache=s.get("cache"),
         # reproducing an image at its recorded size: that size was accepted when the image was made
         allow_any_size=args.allow_any_size or bool(args.from_image and args.width is None and args.height is None))
 
@@ -295,7 +302,7 @@ def cmd_eval(args) -> None:
     images_per_prompt = integer("images_per_prompt", args.images_per_prompt, 1, 1000)
     seed = integer("seed", args.seed, 0, 2**62)
     GenerationRequest(prompt="check", num_inference_steps=args.steps, guidance_scale=args.guidance,
-                      true_cfg_scale=args.true_cfg)  # refuse bad settings before the model loads
+                      true_cfg_scale=args.true_cfg, cache=args.cache)  # refuse bad settings before the model loads
     if not args.spec.is_file():
         raise InputError(f"--spec: no such file {args.spec}")
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
@@ -303,7 +310,7 @@ def cmd_eval(args) -> None:
 
     def generate(prompts, seeds):
         return pipe(prompts, seed=seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                    true_cfg_scale=args.true_cfg)
+                    true_cfg_scale=args.true_cfg, cache=args.cache)
 
     results = run_eval(generate, args.spec, images_per_prompt, args.out, seed=seed)
     print(format_table(results))
@@ -382,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"])
     _lora_flag(p)
+    _cache_flag(p)
     p.add_argument("--out", type=Path, default=Path("eval-out"))
 
     p = sub.add_parser("lora", help="inspect and convert LoRA files")

@@ -35,6 +35,7 @@ class GenerationSettings:
     mask_image: str | None = None
     device: str | None = None
     dtype: str | None = None
+    cache: str | None = None  # step caching, e.g. "fbcache:0.1" (fluxion.cache)
     loras: list[dict] | None = None  # active adapters: name, file (its name), sha256 of its bytes, scale
     fluxion_version: str = field(default=__version__)
 

@@ -285,16 +285,19 @@ class Pipeline:
         allow_any_size: bool = False,
         max_memory: int | str | None = None,
         vae_tiling: bool | None = None,
+        cache: str | None = None,
     ):
         """Generate images; returns PIL images (each with its settings in `.info["fluxion"]`), or the final
         latents (B, 16, H/8, W/8) with output_type="latent", or pixels (B, 3, H, W) in [-1, 1] with "pt".
-        Every argument is checked first (settings.GenerationRequest): bad input raises InputError naming it."""
+        Every argument is checked first (settings.GenerationRequest): bad input raises InputError naming it.
+        `cache` ("fbcache" or "fbcache:THRESHOLD", fluxion.cache) skips most of the transformer on steps whose
+        input barely changed."""
         request = GenerationRequest(
             prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
             seed=seed, num_images_per_prompt=num_images_per_prompt, image=image, strength=strength,
             mask_image=mask_image, sigmas=sigmas, output_type=output_type, allow_any_size=allow_any_size,
-            max_memory=max_memory)
+            max_memory=max_memory, cache=cache)
         return self.generate(request, callback=callback, latents=latents, progress=progress, vae_tiling=vae_tiling)
 
     def plan(self, request: GenerationRequest, vae_tiling: bool | None = None) -> Job:
@@ -454,9 +457,12 @@ class Pipeline:
 
         cond = self.encode_prompt(prompts)
         negative = self.encode_prompt(negatives) if job.use_cfg else None
-        img = sampling.denoise(self.transformer, img, img_ids, cond, timesteps, guidance=job.guidance,
+        model = self.transformer if r.cache is None else r.cache.wrap(self.transformer)
+        img = sampling.denoise(model, img, img_ids, cond, timesteps, guidance=job.guidance,
                                negative=negative, true_cfg_scale=job.true_cfg, inpainting=inpainting,
                                callback=callback, progress=progress)
+        if r.cache is not None:
+            log.info("%s: %d of %d steps computed in full", r.cache, model.computed, model.computed + model.skipped)
         final = sampling.unpack(img.float(), lat_h, lat_w)
         if r.output_type == "latent":
             return final
@@ -473,7 +479,7 @@ class Pipeline:
                 true_cfg_scale=job.true_cfg if job.use_cfg else 1.0, strength=r.strength, sigmas=r.sigmas,
                 init_image=r.init_image_path, mask_image=r.mask_image_path,
                 model=self.name, variant=self.variant, device=self.device.type, dtype=dtype_name(self.dtype),
-                loras=loras)
+                loras=loras, cache=None if r.cache is None else str(r.cache))
             im.info[PNG_KEY] = settings.to_json()
         return images
 

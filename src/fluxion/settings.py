@@ -10,6 +10,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from .cache import CacheSpec
 from .errors import InputError
 
 MAX_PROMPT_CHARS = 10_000  # far beyond what T5 (512 tokens) or CLIP (77) read; refuses pasted files, not prompts
@@ -27,6 +28,7 @@ FLAGS = {
     "seed": "--seed", "num_images_per_prompt": "--num-images", "image": "--init-image", "strength": "--strength",
     "mask_image": "--mask", "sigmas": "--sigmas", "max_memory": "--max-memory", "device": "--device",
     "dtype": "--dtype", "model": "--model", "images_per_prompt": "--images-per-prompt", "max_steps": "--max-steps",
+    "cache": "--cache",
 }
 
 
@@ -247,6 +249,7 @@ class GenerationRequest:
     output_type: str = "pil"
     allow_any_size: bool = False
     max_memory: int | None = None
+    cache: object = None  # a cache.CacheSpec or its text ("fbcache:0.1"); None = every step computed in full
     init_image_path: str | None = field(default=None, repr=False)  # recorded in the metadata when given as a path
     mask_image_path: str | None = field(default=None, repr=False)
 
@@ -289,6 +292,8 @@ class GenerationRequest:
         if not isinstance(self.allow_any_size, bool):
             raise invalid("allow_any_size", self.allow_any_size, "True or False")
         self.max_memory = memory_budget("max_memory", self.max_memory)
+        if self.cache is not None and not isinstance(self.cache, CacheSpec):
+            self.cache = CacheSpec.parse(self.cache)
 
     @property
     def num_images(self) -> int:
@@ -314,5 +319,6 @@ RECORD_CHECKS = {
     "device": lambda v: optional(text, "device", v),
     "dtype": lambda v: optional(choice, "dtype", v, ("fp32", "bf16", "fp16")),
     "loras": lambda v: optional(lora_records, "loras", v),
+    "cache": lambda v: optional(lambda name, value: str(CacheSpec.parse(value, name)), "cache", v),
     "fluxion_version": lambda v: text("fluxion_version", v),
 }

@@ -45,8 +45,17 @@ class Flux(nn.Module):
     ) -> Tensor:
         """img (B, L_img, in_channels), txt (B, L_txt, context_in_dim), ids (B, L, 3), timesteps (B,) in [0, 1],
         y (B, vec_in_dim), guidance (B,) -> predicted velocity (B, L_img, out_channels)."""
+        img, txt, vec, pe = self.embed(img, img_ids, txt, txt_ids, timesteps, y, guidance)
+        for block in self.double_blocks:
+            img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
+        return self.final_layer(self.single_stream(img, txt, vec, pe), vec)
+
+    def embed(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
+              guidance: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The inputs projected to the hidden size, the conditioning vector and the RoPE of all positions."""
         if img.ndim != 3 or txt.ndim != 3:
-            raise ValueError(f"img and txt must be (batch, tokens, channels); got {tuple(img.shape)} and {tuple(txt.shape)}")
+            raise ValueError(f"img and txt must be (batch, tokens, channels); got {tuple(img.shape)} and "
+                             f"{tuple(txt.shape)}")
         img = self.img_in(img)
         vec = self.time_in(timestep_embedding(timesteps, 256))
         if self.params.guidance_embed:
@@ -57,14 +66,14 @@ class Flux(nn.Module):
         txt = self.txt_in(txt)
 
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
-        for block in self.double_blocks:
-            img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
+        return img, txt, vec, pe
 
-        img = torch.cat((txt, img), dim=1)
+    def single_stream(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
+        """The single-stream blocks over the joint sequence; returns its image tokens."""
+        x = torch.cat((txt, img), dim=1)
         for block in self.single_blocks:
-            img = block(img, vec=vec, pe=pe)
-        img = img[:, txt.shape[1] :, ...]
-        return self.final_layer(img, vec)
+            x = block(x, vec=vec, pe=pe)
+        return x[:, txt.shape[1] :, ...]
 
     @torch.no_grad()
     def initialize_weights(self) -> "Flux":
