@@ -3,6 +3,7 @@
     python benchmarks/memory_estimate.py                 # the table of the README
     python benchmarks/memory_estimate.py --job 512 4 latent --json   # one job (what tests/test_memory.py runs)
     python benchmarks/memory_estimate.py --decode 1024   # the VAE decode alone: peak RSS growth and seconds
+    python benchmarks/memory_estimate.py --tiling 2048   # the tiled decode against the whole one: memory, seams
 """
 
 import argparse
@@ -35,23 +36,50 @@ def measure(size: int, batch: int, output: str, model: str = "tiny-schnell") -> 
             "ratio": predicted / growth}
 
 
-def measure_decode(size: int, model: str = "tiny-schnell") -> dict:
-    """Decode one random latent of size x size pixels (in this fresh process)."""
+def measure_decode(size: int, model: str = "tiny-schnell", tiled: bool = False, save: str | None = None) -> dict:
+    """Decode one random latent (seed 0) of size x size pixels in this fresh process, whole or in tiles; `save`
+    keeps the pixels (safetensors) for a comparison."""
     import time
 
     import torch
 
+    from fluxion.checkpoints.io import save_state_dict
     from fluxion.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(model, device="cpu", dtype="fp32")
-    z = torch.randn(1, 16, size // 8, size // 8)
-    pipe.decode(z[..., :8, :8])
+    z = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
+    pipe.decode(z[..., :8, :8], tiled=tiled)
     before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     start = time.perf_counter()
-    pipe.decode(z)
+    pixels = pipe.decode(z, tiled=tiled)
     seconds = time.perf_counter() - start
     growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    return {"size": size, "growth_mib": growth / 2**20, "seconds": seconds}
+    if save:
+        save_state_dict({"pixels": pixels.contiguous()}, save)
+    return {"size": size, "tiled": tiled, "growth_mib": growth / 2**20, "seconds": seconds}
+
+
+def compare_tiling(size: int) -> dict:
+    """The whole decode and the tiled one, each in a fresh process: peak memory, time, and the pixel difference
+    in 8-bit units (what a seam would show as)."""
+    import tempfile
+
+    from fluxion.checkpoints.io import load_state_dict
+
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {}
+        for tiled in (False, True):
+            out = os.path.join(tmp, f"{tiled}.safetensors")
+            r = subprocess.run([sys.executable, __file__, "--decode", str(size), "--save", out]
+                               + (["--tiled"] if tiled else []), capture_output=True, text=True, env=env,
+                               timeout=1200, check=True)
+            runs[tiled] = (json.loads(r.stdout.strip().splitlines()[-1]), load_state_dict(out)["pixels"])
+    (whole, a), (tiles, b) = runs[False], runs[True]
+    diff = ((a.clamp(-1, 1) - b.clamp(-1, 1)) * 127.5).abs()
+    return {"size": size, "whole_mib": whole["growth_mib"], "tiled_mib": tiles["growth_mib"],
+            "ratio": tiles["growth_mib"] / whole["growth_mib"], "whole_s": whole["seconds"],
+            "tiled_s": tiles["seconds"], "max_abs_diff_8bit": float(diff.max()), "mean_abs_diff_8bit": float(diff.mean())}
 
 
 def run_fresh(size: int, batch: int, output: str) -> dict:
@@ -65,10 +93,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--job", nargs=3, metavar=("SIZE", "BATCH", "OUTPUT"), help="run one job here")
     parser.add_argument("--decode", type=int, metavar="SIZE", help="time and measure one VAE decode here")
+    parser.add_argument("--tiled", action="store_true", help="with --decode: decode in tiles")
+    parser.add_argument("--save", help="with --decode: keep the pixels in this safetensors file")
+    parser.add_argument("--tiling", type=int, metavar="SIZE", help="the tiled decode against the whole one")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.decode:
-        print(json.dumps(measure_decode(args.decode)))
+        print(json.dumps(measure_decode(args.decode, tiled=args.tiled, save=args.save)))
+        return
+    if args.tiling:
+        print(json.dumps(compare_tiling(args.tiling)))
         return
     if args.job:
         print(json.dumps(measure(int(args.job[0]), int(args.job[1]), args.job[2])))
