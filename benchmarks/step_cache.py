@@ -1,9 +1,10 @@
-"""Step caching (fluxion.cache): time per image and GenEval-shapes score over cache thresholds, and the plot.
+"""Step caching (fluxion.cache): time per image and GenEval-shapes score for each cache setting, and the plot.
 
 Target (issue #25): at most 0.6x the uncached time per image with the score within 0.02 of uncached, on tiny-dev
 and tiny-pro (true CFG) at 28 steps.
 
-    python benchmarks/step_cache.py --models tiny-dev tiny-pro --thresholds 0 0.05 0.1 0.15 0.2 \\
+    python benchmarks/step_cache.py --models tiny-dev tiny-pro \\
+        --caches fbcache:0.1 fbcache:0.15 fbcache:0.2 fbcache:0.3 taylorseer:2 taylorseer:3 \\
         --json runs/step_cache.json --plot docs/step-cache.png
 """
 
@@ -13,23 +14,21 @@ import time
 from pathlib import Path
 
 
-def measure(model: str, thresholds: list[float], spec: str, steps: int, images_per_prompt: int) -> list[dict]:
-    """One eval per threshold (0 = uncached: the cache computes every step), timing generation alone."""
+def measure(model: str, caches: list[str], spec: str, steps: int, images_per_prompt: int) -> list[dict]:
+    """One eval uncached, then one per cache setting, timing generation alone."""
     from fluxion import Pipeline
     from fluxion.eval import run_eval
 
     pipe = Pipeline.from_pretrained(model, device="cpu")
     rows = []
-    for threshold in thresholds:
-        cache = None if threshold == 0 else f"fbcache:{threshold:g}"
-
+    for cache in [None, *caches]:
         def generate(prompts, seeds):
             return pipe(prompts, seed=seeds, num_inference_steps=steps, cache=cache)
 
         start = time.perf_counter()
-        results = run_eval(generate, spec, images_per_prompt, Path("runs/step-cache") / f"{model}-{threshold:g}",
+        results = run_eval(generate, spec, images_per_prompt, Path("runs/step-cache") / f"{model}-{cache or 'off'}",
                            seed=0)
-        rows.append({"model": model, "threshold": threshold, "score": results["overall"],
+        rows.append({"model": model, "cache": cache or "off", "score": results["overall"],
                      "ms_per_image": 1000 * results["seconds_per_image"], "wall_s": time.perf_counter() - start,
                      "steps": steps})
         print(json.dumps(rows[-1]), flush=True)
@@ -44,16 +43,19 @@ def plot(rows: list[dict], path: Path) -> None:
     fig = Figure(figsize=(7, 4), dpi=100)
     ax = fig.subplots()
     for model in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == model]
-        base = next(r for r in mine if r["threshold"] == 0)
-        x = [r["ms_per_image"] / base["ms_per_image"] for r in mine]
-        y = [r["score"] for r in mine]
-        ax.plot(x, y, marker="o", label=model)
-        for r, xi, yi in zip(mine, x, y):
-            ax.annotate(f"{r['threshold']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        base = next(r for r in rows if r["model"] == model and r["cache"] == "off")
+        for kind, marker in (("fbcache", "o"), ("taylorseer", "s")):
+            mine = [base] + [r for r in rows if r["model"] == model and r["cache"].startswith(kind)]
+            if len(mine) == 1:
+                continue
+            x = [r["ms_per_image"] / base["ms_per_image"] for r in mine]
+            y = [r["score"] for r in mine]
+            ax.plot(x, y, marker=marker, label=f"{model} {kind}")
+            for r, xi, yi in zip(mine[1:], x[1:], y[1:]):
+                ax.annotate(r["cache"].split(":")[1], (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("time per image / uncached")
     ax.set_ylabel("GenEval-shapes overall")
-    ax.set_title("First-Block Cache: speed against quality (labels: threshold)")
+    ax.set_title("Step caching: speed against quality (labels: threshold or interval)")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -63,20 +65,20 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["tiny-dev", "tiny-pro"])
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0, 0.05, 0.1, 0.15, 0.2])
+    parser.add_argument("--caches", nargs="+", default=["fbcache:0.1", "fbcache:0.15", "fbcache:0.2", "taylorseer:2"],
+                        help="cache settings to compare with the uncached run")
     parser.add_argument("--spec", default="evals/shapes.jsonl")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
-    thresholds = sorted(set(args.thresholds) | {0.0})
-    rows = [r for model in args.models for r in measure(model, thresholds, args.spec, args.steps,
+    rows = [r for model in args.models for r in measure(model, args.caches, args.spec, args.steps,
                                                         args.images_per_prompt)]
-    print("| model | threshold | score | ms per image | vs uncached |\n| --- | ---: | ---: | ---: | ---: |")
+    print("| model | cache | score | ms per image | vs uncached |\n| --- | --- | ---: | ---: | ---: |")
     for r in rows:
-        base = next(b for b in rows if b["model"] == r["model"] and b["threshold"] == 0)
-        print(f"| {r['model']} | {r['threshold']:g} | {r['score']:.3f} | {r['ms_per_image']:.1f} | "
+        base = next(b for b in rows if b["model"] == r["model"] and b["cache"] == "off")
+        print(f"| {r['model']} | {r['cache']} | {r['score']:.3f} | {r['ms_per_image']:.1f} | "
               f"{r['ms_per_image'] / base['ms_per_image']:.2f}x |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -1,12 +1,14 @@
-"""Step caching (fluxion.cache): threshold 0 is the plain sampler bit for bit (text-to-image, true CFG,
-image-to-image); a threshold skips steps and reuses the residual; the setting is checked, recorded and reapplied."""
+"""Step caching (fluxion.cache): fbcache at threshold 0 and taylorseer at interval 1 are the plain sampler bit for
+bit (text-to-image, true CFG, image-to-image); otherwise steps are skipped and the residual reused or extrapolated;
+the setting is checked, recorded and reapplied."""
 
 import pytest
 import torch
 from PIL import Image
 
 from fluxion import cli
-from fluxion.cache import CacheSpec, FirstBlockCache
+from fluxion import sampling
+from fluxion.cache import CacheSpec, FirstBlockCache, TaylorSeerCache
 from fluxion.errors import InputError
 from fluxion.metadata import read_settings
 from pipeline_fixtures import make_pipeline
@@ -19,12 +21,12 @@ PROMPTS = ["a red circle", "two blue squares"]
     ("pro", {"negative_prompt": "blurry", "true_cfg_scale": 4.0}),  # both CFG halves in one cached batch
     ("schnell", {"image": Image.new("RGB", (32, 32), (200, 30, 30)), "strength": 0.6}),
 ])
-def test_threshold_zero_is_the_plain_sampler_bit_for_bit(variant, extra):
+def test_caches_that_compute_every_step_are_the_plain_sampler_bit_for_bit(variant, extra):
     pipe = make_pipeline(variant)
     kwargs = dict(seed=[3, 4], height=32, width=32, num_inference_steps=6, output_type="latent", **extra)
     plain = pipe(PROMPTS, **kwargs)
-    cached = pipe(PROMPTS, cache="fbcache:0", **kwargs)
-    assert torch.equal(plain, cached)
+    for cache in ("fbcache:0", "taylorseer:1"):
+        assert torch.equal(plain, pipe(PROMPTS, cache=cache, **kwargs))
 
 
 def test_a_threshold_skips_steps_and_reuses_the_last_residual():
@@ -47,14 +49,28 @@ def test_a_threshold_skips_steps_and_reuses_the_last_residual():
     assert not torch.equal(latents, cached) and torch.isfinite(cached).all()
 
 
-@pytest.mark.parametrize("text, expected", [("fbcache", CacheSpec("fbcache", 0.15)),
-                                            ("fbcache:0.05", CacheSpec("fbcache", 0.05))])
+def test_taylorseer_computes_every_nth_step_and_extrapolates_in_between():
+    pipe = make_pipeline("dev")
+    cond = pipe.encode_prompt(PROMPTS[:1])
+    img, ids = torch.randn(1, 4, pipe.transformer.in_channels), sampling.image_ids(1, 4, 4, "cpu")
+    cache = TaylorSeerCache(pipe.transformer, interval=3)
+    sampling.denoise(cache, img, ids, cond, [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])  # 7 steps
+    assert (cache.computed, cache.skipped) == (3, 4)  # steps 0, 3, 6 in full
+    cache.history = [(0.6, torch.zeros(2)), (0.4, torch.ones(2))]  # a rest growing by 1 per -0.2 of t
+    torch.testing.assert_close(cache.predicted_rest(0.3), torch.full((2,), 1.5))
+
+
+@pytest.mark.parametrize("text, expected", [("fbcache", CacheSpec("fbcache", 0.2)),
+                                            ("fbcache:0.05", CacheSpec("fbcache", 0.05)),
+                                            ("taylorseer", CacheSpec("taylorseer", 3)),
+                                            ("taylorseer:3", CacheSpec("taylorseer", 3))])
 def test_cache_settings_parse(text, expected):
     assert CacheSpec.parse(text) == expected and CacheSpec.parse(str(expected)) == expected
 
 
-@pytest.mark.parametrize("text, words", [("teacache", "one of fbcache"), ("fbcache:abc", "with a number"),
-                                         ("fbcache:2", "in [0, 1], got 2"), (3, "a string")])
+@pytest.mark.parametrize("text, words", [("teacache", "one of fbcache, taylorseer"), ("fbcache:abc", "with a number"),
+                                         ("fbcache:2", "in [0, 1], got 2"), (3, "a string"),
+                                         ("taylorseer:0", "from 1 to 100, got 0"), ("taylorseer:1.5", "got 1.5")])
 def test_bad_cache_settings_name_the_flag(text, words):
     with pytest.raises(InputError, match="--cache") as e:
         make_pipeline("dev")("a red circle", height=32, width=32, cache=text)

@@ -74,9 +74,10 @@ def _lora_flag(group) -> None:
 
 
 def _cache_flag(group) -> None:
-    group.add_argument("--cache", metavar="KIND[:THRESHOLD]",
-                       help="step caching: fbcache (First-Block Cache; threshold 0.15 unless given) skips most of the "
-                            "transformer on steps whose input barely changed")
+    group.add_argument("--cache", metavar="KIND[:VALUE]",
+                       help="step caching: fbcache[:THRESHOLD] (First-Block Cache, default 0.2) skips most of the "
+                            "transformer on steps whose input barely changed; taylorseer[:N] (default 3) runs it in "
+                            "full every N steps and extrapolates in between")
 
 
 def parse_lora(raw: str) -> tuple[str, float]:
