@@ -100,10 +100,10 @@ class FirstBlockCache:
         if (self.rest is None or self.rest.shape == img1.shape) and self.skip(signal, t):
             self.skipped += 1
             return m.final_layer(img1 + self.predicted_rest(t), vec)
-        h, t_tokens = img1, txt1
+        h_img, h_txt = img1, txt1
         for block in others:
-            h, t_tokens = block(img=h, txt=t_tokens, vec=vec, pe=pe)
-        out = m.single_stream(h, t_tokens, vec, pe)
+            h_img, h_txt = block(img=h_img, txt=h_txt, vec=vec, pe=pe)
+        out = m.single_stream(h_img, h_txt, vec, pe)
         self.remember(signal, out - img1, t)
         self.computed += 1
         return m.final_layer(out, vec)
