@@ -85,3 +85,18 @@ def test_the_image_records_the_cache_and_from_image_reapplies_it(tmp_path):
     assert cli.main(["generate", "--from-image", str(out), "--out", str(again)]) == 0
     assert read_settings(again).cache == "fbcache:0.2"
     assert Image.open(again).tobytes() == Image.open(out).tobytes()
+
+
+def test_caches_run_with_lora_adapters():
+    from fluxion.lora import Adapter, LowRank, add_adapter
+
+    pipe = make_pipeline("dev")
+    linear = pipe.transformer.double_blocks[0].img_attn.qkv
+    g = torch.Generator().manual_seed(0)
+    update = LowRank(torch.randn(2, linear.in_features, generator=g), torch.randn(linear.out_features, 2, generator=g))
+    add_adapter(pipe.transformer, Adapter("x", {"double_blocks.0.img_attn.qkv": update}), 0.5)
+    kwargs = dict(seed=[3, 4], height=32, width=32, num_inference_steps=6, output_type="latent")
+    with_lora = pipe(PROMPTS, **kwargs)
+    assert torch.equal(with_lora, pipe(PROMPTS, cache="fbcache:0", **kwargs))
+    pipe.set_loras({})
+    assert not torch.equal(with_lora, pipe(PROMPTS, cache="fbcache:0", **kwargs))  # the adapter was in effect
