@@ -7,15 +7,38 @@
 """
 
 import argparse
+import ctypes
+import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 
 # (size, batch, output): "pil" jobs peak in the VAE decode, "latent" jobs in the transformer
 JOBS = [(256, 1, "pil"), (512, 1, "pil"), (768, 1, "pil"), (1024, 1, "pil"),
         (512, 4, "latent"), (768, 4, "latent"), (1024, 2, "latent"), (1024, 4, "latent")]
+
+
+def _status_bytes(key: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def start_measuring() -> int:
+    """Resident bytes now, after freeing what can be freed, with the peak (VmHWM) reset to them. Without the trim,
+    glibc keeps memory freed by loading and warm-up resident and the job reuses it unseen; without the reset, a
+    loading peak above the job's would be measured instead of the job's (Linux >= 4.0)."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_bytes("VmRSS")
+
+
+def peak_growth(before: int) -> int:
+    return _status_bytes("VmHWM") - before
 
 
 def measure(size: int, batch: int, output: str, model: str = "tiny-schnell") -> dict:
@@ -26,10 +49,10 @@ def measure(size: int, batch: int, output: str, model: str = "tiny-schnell") -> 
     # The warm-up pays the one-time costs (imports such as the FLOP counter behind --allow-any-size's time
     # estimate, thread pools) so that what is measured is the job itself.
     pipe("warm up", num_inference_steps=1, height=96, width=96, allow_any_size=True)
-    before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    before = start_measuring()
     pipe(["a red circle"] * batch, height=size, width=size, num_inference_steps=1, output_type=output,
          allow_any_size=True, seed=0)
-    growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    growth = peak_growth(before)
     est = pipe.estimate_memory(size, size, batch)
     predicted = est.working if output == "pil" else est.transformer
     return {"size": size, "batch": batch, "output": output, "growth": growth, "predicted": predicted,
@@ -49,11 +72,11 @@ def measure_decode(size: int, model: str = "tiny-schnell", tiled: bool = False, 
     pipe = Pipeline.from_pretrained(model, device="cpu", dtype="fp32")
     z = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
     pipe.decode(z[..., :8, :8], tiled=tiled)
-    before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    before = start_measuring()
     start = time.perf_counter()
     pixels = pipe.decode(z, tiled=tiled)
     seconds = time.perf_counter() - start
-    growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    growth = peak_growth(before)
     if save:
         save_state_dict({"pixels": pixels.contiguous()}, save)
     return {"size": size, "tiled": tiled, "growth_mib": growth / 2**20, "seconds": seconds}

@@ -21,11 +21,11 @@ ROPE_BYTES_PER_HEAD_CHANNEL = 24
 # The VAE decoder peaks at full resolution, where about 4.5 activations of the widest full-resolution layer (the
 # upsample from level 1) live at once, GroupNorm and conv workspaces included.
 VAE_UNITS = 4.5
-# Measured on the CPU with tiny-schnell in fp32 (peak RSS growth of jobs in a warmed-up process,
-# benchmarks/memory_estimate.py): 83, 291, 634 and 1108 MB for whole jobs at 256-1024 px (these constants: 75, 302,
-# 679, 1208), and 70-342 MB for transformer-only runs of batch 2-4 at 512-1024 px (84-330). One-time costs of a
-# process's first job are not counted (importing the FLOP counter behind --allow-any-size's time estimate: ~80 MB);
-# the headroom below covers them.
+# Measured on the CPU with tiny-schnell in fp32 (peak RSS growth of jobs in a warmed-up process with freed memory
+# trimmed and the peak mark reset, benchmarks/memory_estimate.py): 126, 356, 628 and 1211 MB for whole jobs at
+# 256-1024 px (these constants: 75, 302, 679, 1208), and 126-373 MB for transformer-only runs of batch 2-4 at
+# 512-1024 px (84-329). One-time costs of a process's first job are not counted (importing the FLOP counter behind
+# --allow-any-size's time estimate: ~80 MB); the headroom below covers them.
 VAE_TILE = 512  # pixels a side of a tile in the tiled decode (AutoEncoder.decode_tiled's 64 latent pixels)
 # A job may take this share of the memory still available: the rest stays for the system and the estimate's error.
 MEMORY_HEADROOM = 0.9
