@@ -102,7 +102,8 @@ def compare_tiling(size: int) -> dict:
     diff = ((a.clamp(-1, 1) - b.clamp(-1, 1)) * 127.5).abs()
     return {"size": size, "whole_mib": whole["growth_mib"], "tiled_mib": tiles["growth_mib"],
             "ratio": tiles["growth_mib"] / whole["growth_mib"], "whole_s": whole["seconds"],
-            "tiled_s": tiles["seconds"], "max_abs_diff_8bit": float(diff.max()), "mean_abs_diff_8bit": float(diff.mean())}
+            "tiled_s": tiles["seconds"], "max_abs_diff_8bit": float(diff.max()),
+            "mean_abs_diff_8bit": float(diff.mean())}
 
 
 def run_fresh(size: int, batch: int, output: str) -> dict:

@@ -44,7 +44,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax = fig.subplots()
     for model in dict.fromkeys(r["model"] for r in rows):
         base = next(r for r in rows if r["model"] == model and r["cache"] == "off")
-        for kind, marker in (("fbcache", "o"), ("taylorseer", "s")):
+        for kind, marker in (("fbcache", "o"), ("teacache", "^"), ("taylorseer", "s")):
             mine = [base] + [r for r in rows if r["model"] == model and r["cache"].startswith(kind)]
             if len(mine) == 1:
                 continue

@@ -1,6 +1,10 @@
-"""Step caching (fluxion.cache): fbcache at threshold 0 and taylorseer at interval 1 are the plain sampler bit for
-bit (text-to-image, true CFG, image-to-image); otherwise steps are skipped and the residual reused or extrapolated;
-the setting is checked, recorded and reapplied."""
+"""Step caching (fluxion.cache): fbcache and teacache at threshold 0 and taylorseer at interval 1 are the plain
+sampler bit for bit (text-to-image, true CFG, image-to-image); otherwise steps are skipped and the residual reused or
+extrapolated; TeaCache's polynomial is fitted, stored per model and used; the setting is checked, recorded and
+reapplied."""
+
+import json
+import shutil
 
 import pytest
 import torch
@@ -8,7 +12,7 @@ from PIL import Image
 
 from fluxion import cli
 from fluxion import sampling
-from fluxion.cache import CacheSpec, FirstBlockCache, TaylorSeerCache
+from fluxion.cache import CacheSpec, FirstBlockCache, TaylorSeerCache, TeaCache, fit_teacache
 from fluxion.errors import InputError
 from fluxion.metadata import read_settings
 from pipeline_fixtures import make_pipeline
@@ -25,7 +29,7 @@ def test_caches_that_compute_every_step_are_the_plain_sampler_bit_for_bit(varian
     pipe = make_pipeline(variant)
     kwargs = dict(seed=[3, 4], height=32, width=32, num_inference_steps=6, output_type="latent", **extra)
     plain = pipe(PROMPTS, **kwargs)
-    for cache in ("fbcache:0", "taylorseer:1"):
+    for cache in ("fbcache:0", "teacache:0", "taylorseer:1"):
         assert torch.equal(plain, pipe(PROMPTS, cache=cache, **kwargs))
 
 
@@ -60,16 +64,71 @@ def test_taylorseer_computes_every_nth_step_and_extrapolates_in_between():
     torch.testing.assert_close(cache.predicted_rest(0.3), torch.full((2,), 1.5))
 
 
+def test_teacache_sums_the_rescaled_input_change_and_reuses_the_residual_of_all_blocks():
+    pipe = make_pipeline("dev")
+    model = pipe.transformer
+    x = torch.randn(1, 4, model.in_channels)
+    inputs = dict(img_ids=torch.zeros(1, 4, 3), txt=torch.randn(1, 8, model.params.context_in_dim),
+                  txt_ids=torch.zeros(1, 8, 3), y=torch.randn(1, model.params.vec_in_dim), guidance=torch.tensor([3.5]))
+    cache = TeaCache(model, threshold=0.5, polynomial=(2.0, 0.0))  # rescaled = twice the relative change
+    with torch.no_grad():
+        first = cache(x, timesteps=torch.tensor([0.9]), **inputs)
+        assert torch.equal(first, model(x, timesteps=torch.tensor([0.9]), **inputs))
+        again = cache(x, timesteps=torch.tensor([0.9]), **inputs)  # no change: skipped, and the reuse is exact
+        torch.testing.assert_close(again, first, rtol=1e-5, atol=1e-5)
+        assert (cache.computed, cache.skipped, cache.accumulated) == (1, 1, 0.0)
+        cache(x + 0.01 * torch.randn_like(x), timesteps=torch.tensor([0.9]), **inputs)  # adds 2 x its change...
+        assert cache.skipped == 2 and 0 < cache.accumulated < 0.5
+        cache(torch.randn_like(x), timesteps=torch.tensor([0.9]), **inputs)  # ...until the sum reaches 0.5
+        assert (cache.computed, cache.accumulated) == (2, 0.0)
+    assert TeaCache(model, 0.1, polynomial=(1.0, -0.5)).rescale(0.2) == 0.0  # never negative
+
+
+def test_teacache_polynomial_is_fitted_stored_per_model_and_used(tmp_path, monkeypatch):
+    pipe = make_pipeline("dev")
+    fit = fit_teacache(pipe, PROMPTS, steps=6, degree=2)
+    assert len(fit.polynomial) == 3 and fit.pairs == 2 * 5  # two prompts of 6 steps: 5 consecutive pairs each
+    assert 0 <= fit.r_squared <= 1 and fit.input_range[0] <= fit.input_range[1]
+
+    from fluxion.registry import BUILTIN_MODELS
+
+    folder = tmp_path / "my-dev"
+    shutil.copytree(BUILTIN_MODELS / "tiny-dev", folder)
+    manifest = json.loads((folder / "fluxion.json").read_text())
+    del manifest["teacache"]
+    (folder / "fluxion.json").write_text(json.dumps(manifest))
+    monkeypatch.chdir(__file__.rsplit("/tests/", 1)[0])  # the default --spec is evals/shapes.jsonl
+    assert cli.main(["fit-teacache", str(folder), "--prompts", "2", "--steps", "6", "--write"]) == 0
+    written = json.loads((folder / "fluxion.json").read_text())["teacache"]
+    assert len(written) == 2 and written[0] > 0  # a larger input change means a larger output change
+    from fluxion import Pipeline
+
+    loaded = Pipeline.from_pretrained(str(folder), device="cpu")
+    assert loaded.teacache_polynomial == tuple(written)
+    loaded("a red circle", num_inference_steps=6, output_type="latent", cache="teacache:0.1")
+    assert loaded.last_cache.polynomial == tuple(written) and loaded.last_cache.skipped > 0
+
+    manifest["teacache"] = ["1", 2]
+    (folder / "fluxion.json").write_text(json.dumps(manifest))
+    from fluxion.errors import ModelFolderError
+
+    with pytest.raises(ModelFolderError, match="'teacache' must be a list of numbers"):
+        Pipeline.from_pretrained(str(folder), device="cpu")
+
+
 @pytest.mark.parametrize("text, expected", [("fbcache", CacheSpec("fbcache", 0.2)),
                                             ("fbcache:0.05", CacheSpec("fbcache", 0.05)),
                                             ("taylorseer", CacheSpec("taylorseer", 3)),
+                                            ("teacache", CacheSpec("teacache", 0.6)),
+                                            ("teacache:0.15", CacheSpec("teacache", 0.15)),
                                             ("taylorseer:3", CacheSpec("taylorseer", 3))])
 def test_cache_settings_parse(text, expected):
     assert CacheSpec.parse(text) == expected and CacheSpec.parse(str(expected)) == expected
 
 
-@pytest.mark.parametrize("text, words", [("teacache", "one of fbcache, taylorseer"), ("fbcache:abc", "with a number"),
-                                         ("fbcache:2", "in [0, 1], got 2"), (3, "a string"),
+@pytest.mark.parametrize("text, words", [("tea", "one of fbcache, teacache, taylorseer"),
+                                         ("fbcache:abc", "with a number"), ("fbcache:2", "in [0, 1], got 2"),
+                                         (3, "a string"),
                                          ("taylorseer:0", "from 1 to 100, got 0"), ("taylorseer:1.5", "got 1.5")])
 def test_bad_cache_settings_name_the_flag(text, words):
     with pytest.raises(InputError, match="--cache") as e:

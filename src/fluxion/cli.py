@@ -319,6 +319,34 @@ def cmd_eval(args) -> None:
           f"{images_per_prompt}; report: {args.out}/results.json and contact sheets")
 
 
+def cmd_fit_teacache(args) -> None:
+    from .cache import fit_teacache
+    from .files import atomic_write
+    from .pipeline import Pipeline
+    from .registry import MANIFEST, read_json, resolve
+    from .settings import integer
+
+    count = integer("prompts", args.prompts, 2, 10_000)
+    degree = integer("degree", args.degree, 1, 6)
+    if not args.spec.is_file():
+        raise InputError(f"--spec: no such file {args.spec}")
+    prompts = [json.loads(line)["prompt"] for line in args.spec.read_text().splitlines() if line.strip()]
+    prompts = prompts[:: max(len(prompts) // count, 1)][:count]  # spread over the spec's kinds of prompt
+    files = resolve(args.model)
+    if args.write and files.layout != "fluxion":
+        raise InputError(f"--write: {files.root} has no {MANIFEST} to record the polynomial in")
+    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    cfg = {"negative_prompt": ""} if pipe.variant == "pro" else {}  # fit on both CFG halves, as they are cached
+    fit = fit_teacache(pipe, prompts, steps=args.steps, degree=degree, **cfg)
+    print(json.dumps({"model": pipe.name, "teacache": fit.polynomial, "r_squared": round(fit.r_squared, 4),
+                      "pairs": fit.pairs, "input_range": fit.input_range}))
+    if args.write:
+        manifest = files.root / MANIFEST
+        data = {**read_json(manifest), "teacache": [float(f"{c:.6g}") for c in fit.polynomial]}
+        atomic_write(manifest, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+        print(f"wrote the polynomial to {manifest}")
+
+
 def _lora_base(path: Path, model: str | None):
     """The transformer a LoRA file is read against: --model, else the base model its header names (on the meta
     device: only the module shapes matter)."""
@@ -393,6 +421,16 @@ def build_parser() -> argparse.ArgumentParser:
     _cache_flag(p)
     p.add_argument("--out", type=Path, default=Path("eval-out"))
 
+    p = sub.add_parser("fit-teacache", help="fit TeaCache's polynomial (--cache teacache) for a model")
+    p.add_argument("model")
+    p.add_argument("--spec", type=Path, default=Path("evals/shapes.jsonl"), help="prompts to generate (JSON lines)")
+    p.add_argument("--prompts", type=int, default=16, help="how many of the spec's prompts, spread over it")
+    p.add_argument("--degree", type=int, default=1)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--device")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--write", action="store_true", help="record it in the model folder's fluxion.json")
+
     p = sub.add_parser("lora", help="inspect and convert LoRA files")
     lora = p.add_subparsers(dest="lora_command", required=True)
     q = lora.add_parser("info", help="format, rank, alpha, targets and what maps where")
@@ -414,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"generate": cmd_generate, "models": cmd_models, "info": cmd_info, "convert": cmd_convert,
-            "eval": cmd_eval, "lora": cmd_lora, "train": cmd_train}
+            "eval": cmd_eval, "fit-teacache": cmd_fit_teacache, "lora": cmd_lora, "train": cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:

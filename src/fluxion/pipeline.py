@@ -94,7 +94,8 @@ class Pipeline:
 
     def __init__(self, transformer: Flux, autoencoder: AutoEncoder, text_encoder, *, variant: str | None = None,
                  name: str = "custom", defaults: dict | None = None, text_positions: bool = False,
-                 sizes: SizeRange | None = None, device=None, dtype=None):
+                 sizes: SizeRange | None = None, teacache_polynomial: tuple[float, ...] | None = None, device=None,
+                 dtype=None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.transformer = transformer.to(self.device, self.dtype).eval()
@@ -111,6 +112,8 @@ class Pipeline:
         self.sizes = sizes  # the sizes the model supports (None: any multiple of 16)
         self.text_positions = text_positions  # number the prompt's tokens in RoPE (sampling.text_ids)
         self.lora_files: dict[str, tuple[str, str]] = {}  # loaded adapter -> (file name, sha256), for the record
+        self.teacache_polynomial = teacache_polynomial  # fitted for this model (cache.fit_teacache); None: identity
+        self.last_cache = None
 
     @classmethod
     def random_tiny(cls, *, device=None, dtype=None) -> "Pipeline":
@@ -144,8 +147,8 @@ class Pipeline:
         variant = files.variant or ("dev" if transformer.params.guidance_embed else "schnell")
         text_encoder = load_text_encoder(files, variant=variant, dtype=dtype, device=device)
         return cls(transformer, autoencoder, text_encoder, variant=variant, name=files.name,
-                   defaults=files.defaults, text_positions=files.text_positions, sizes=files.sizes, device=device,
-                   dtype=dtype)
+                   defaults=files.defaults, text_positions=files.text_positions, sizes=files.sizes,
+                   teacache_polynomial=files.teacache_polynomial, device=device, dtype=dtype)
 
     # -- LoRA adapters (fluxion.lora): applied to the transformer, switchable per call without a reload -----------
     def load_lora(self, path, name: str | None = None, scale: float = 1.0, strict: bool = True) -> str:
@@ -457,7 +460,8 @@ class Pipeline:
 
         cond = self.encode_prompt(prompts)
         negative = self.encode_prompt(negatives) if job.use_cfg else None
-        model = self.transformer if r.cache is None else r.cache.wrap(self.transformer)
+        model = self.transformer if r.cache is None else r.cache.wrap(self.transformer, self.teacache_polynomial)
+        self.last_cache = None if r.cache is None else model  # its step counts (and TeaCache's trace), to inspect
         img = sampling.denoise(model, img, img_ids, cond, timesteps, guidance=job.guidance,
                                negative=negative, true_cfg_scale=job.true_cfg, inpainting=inpainting,
                                callback=callback, progress=progress)

@@ -40,6 +40,7 @@ class ModelFiles:
     variant: str | None = None  # "pro" / "dev" / "schnell"; None: infer from the weights
     defaults: dict = field(default_factory=dict)
     sizes: SizeRange | None = None  # the sizes it supports; None: any (fluxion manifests without `sizes`)
+    teacache_polynomial: tuple[float, ...] | None = None  # fitted by cache.fit_teacache (manifest "teacache")
 
 
 def search_paths(name: str) -> list[Path]:
@@ -137,6 +138,11 @@ def _from_manifest(root: Path, name: str) -> ModelFiles:
         _manifest_field(m, key, str, path)
     _manifest_field(m, "text_length", int, path)
     _manifest_field(m, "defaults", dict, path)
+    polynomial = _manifest_field(m, "teacache", list, path)
+    numbers = polynomial and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in polynomial)
+    if polynomial is not None and not numbers:
+        raise ModelFolderError(f"{path}: 'teacache' must be a list of numbers (polynomial coefficients, highest "
+                               f"power first), got {polynomial!r:.80}")
     if m.get("variant") not in (None, *VARIANT_NAMES):
         raise ModelFolderError(f"{path}: 'variant' must be one of {', '.join(VARIANT_NAMES)}, got {m['variant']!r:.80}")
     if m.get("text_encoder", "minilm") not in ("minilm", "t5+clip"):
@@ -151,7 +157,7 @@ def _from_manifest(root: Path, name: str) -> ModelFiles:
         autoencoder=_require(root / m["autoencoder"], "autoencoder weights"),
         text_encoder=m.get("text_encoder", "minilm"), text_length=m.get("text_length"),
         text_positions=bool(m.get("text_positions", False)), variant=m.get("variant"), defaults=m.get("defaults", {}),
-        sizes=sizes,
+        sizes=sizes, teacache_polynomial=None if polynomial is None else tuple(map(float, polynomial)),
     )
     if files.text_encoder == "t5+clip":
         _add_t5_clip(files, root)
