@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[test,train]"
+	$(PIP) install -e ".[test,train,server,quant]"
 	touch $@
 
 demo: install

@@ -119,7 +119,7 @@ def test_teacache_polynomial_is_fitted_stored_per_model_and_used(tmp_path, monke
 @pytest.mark.parametrize("text, expected", [("fbcache", CacheSpec("fbcache", 0.2)),
                                             ("fbcache:0.05", CacheSpec("fbcache", 0.05)),
                                             ("taylorseer", CacheSpec("taylorseer", 3)),
-                                            ("teacache", CacheSpec("teacache", 0.6)),
+                                            ("teacache", CacheSpec("teacache", 0.1)),
                                             ("teacache:0.15", CacheSpec("teacache", 0.15)),
                                             ("taylorseer:3", CacheSpec("taylorseer", 3))])
 def test_cache_settings_parse(text, expected):

@@ -1,4 +1,4 @@
-"""The `fluxion` command: generate, models, info, convert, eval, lora, train."""
+"""The `fluxion` command: generate, models, info, convert, eval, lora, train, serve."""
 
 import argparse
 import json
@@ -76,8 +76,9 @@ def _lora_flag(group) -> None:
 def _cache_flag(group) -> None:
     group.add_argument("--cache", metavar="KIND[:VALUE]",
                        help="step caching: fbcache[:THRESHOLD] (First-Block Cache, default 0.2) skips most of the "
-                            "transformer on steps whose input barely changed; taylorseer[:N] (default 3) runs it in "
-                            "full every N steps and extrapolates in between")
+                            "transformer on steps whose input barely changed; teacache[:THRESHOLD] (default 0.1) "
+                            "skips while the summed change of its input stays small; taylorseer[:N] (default 3) "
+                            "runs it in full every N steps and extrapolates in between")
 
 
 def parse_lora(raw: str) -> tuple[str, float]:
@@ -388,6 +389,64 @@ def cmd_train(args) -> None:
     print(f"run folder: {out}")
 
 
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="HTTP server: the OpenAI and BFL image APIs, with batching (fluxion[server])")
+    p.add_argument("--model", action="append", help=f"a model to serve (repeat for more; default {DEFAULT_MODEL}); "
+                                                    "the first is loaded at start, the others on first use")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data-dir", type=Path, help="jobs database, results, adapters (default $FLUXION_HOME/server)")
+    p.add_argument("--max-batch", type=int, default=16, help="images sharing one forward pass")
+    p.add_argument("--batch-wait-ms", type=float, default=50.0, help="how long a request may wait for companions")
+    p.add_argument("--queue-size", type=int, default=256, help="jobs waiting or running beyond which requests get 429")
+    p.add_argument("--api-key", action="append", help="accept this key (repeatable; 'sha256:HEX' gives its hash "
+                                                      "instead); without any key the server is open")
+    p.add_argument("--api-key-file", type=Path, help="keys (or sha256:HEX hashes), one a line")
+    p.add_argument("--quantize", help="quantize the weights at load (fluxion.quant), e.g. int8")
+    _cache_flag(p)
+    p.add_argument("--device")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"])
+    for flag, kind, help_text in (
+            ("--workers", int, "groups generated at once, each on cores/workers torch threads (default 1)"),
+            ("--model-cache-size", int, "models kept loaded (LRU, default 2)"),
+            ("--lora-cache-size", int, "adapters kept loaded per model (default 8)"),
+            ("--adapters-dir", Path, "LoRA files requests may name by path (default DATA_DIR/adapters)"),
+            ("--result-ttl", float, "seconds finished jobs and their images are kept (default 86400)"),
+            ("--max-body-bytes", int, None), ("--max-prompt-chars", int, None), ("--max-steps", int, None),
+            ("--max-images", int, "n per request (default 10)"),
+            ("--max-job-seconds", float, "refuse jobs estimated to take longer"),
+            ("--rate-limit", float, "requests per minute per key (default 0: none)"), ("--rate-burst", int, None),
+            ("--request-timeout", float, "seconds a synchronous request waits for its images (default 600)"),
+            ("--public-url", str, "the base of result and polling URLs behind a proxy"),
+            ("--webhook-retries", int, "default 5"), ("--webhook-backoff", float, "seconds before the first retry, "
+                                                                                   "doubling each time (default 1)")):
+        p.add_argument(flag, type=kind, help=help_text)
+    p.add_argument("--no-preload", action="store_true", help="load even the first model on first use")
+
+
+def cmd_serve(args) -> None:
+    from .server.config import ServerConfig, read_key_file
+    from .server.run import serve
+
+    keys = list(args.api_key or []) + (read_key_file(args.api_key_file) if args.api_key_file else [])
+    optional = {"data_dir": args.data_dir, "workers": args.workers, "model_cache_size": args.model_cache_size,
+                "lora_cache_size": args.lora_cache_size, "adapters_dir": args.adapters_dir,
+                "result_ttl_s": args.result_ttl, "max_body_bytes": args.max_body_bytes,
+                "max_prompt_chars": args.max_prompt_chars, "max_steps": args.max_steps, "max_images": args.max_images,
+                "max_job_seconds": args.max_job_seconds, "rate_limit": args.rate_limit, "rate_burst": args.rate_burst,
+                "request_timeout_s": args.request_timeout, "public_url": args.public_url,
+                "webhook_retries": args.webhook_retries, "webhook_backoff_s": args.webhook_backoff}
+    config = ServerConfig(models=args.model or [DEFAULT_MODEL], host=args.host, port=args.port,
+                          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, queue_size=args.queue_size,
+                          api_keys=keys, quantize=args.quantize, cache=args.cache, device=args.device,
+                          dtype=args.dtype, preload=not args.no_preload,
+                          log_level="info" if args.verbose else "warning",
+                          **{k: v for k, v in optional.items() if v is not None})
+    print(f"fluxion serve: http://{config.host}:{config.port} (models: {', '.join(config.models)}; data: "
+          f"{config.data_dir})", flush=True)
+    serve(config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fluxion", description="FLUX.1 text-to-image, in pure PyTorch")
     parser.add_argument("--version", action="version", version=f"fluxion {__version__}")
@@ -448,11 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int)
     p.add_argument("--out-dir", type=Path, help="put the run (and its model or adapter) here instead of the "
                                                 "recipe's run.out_dir; the recipe's export.dir is then skipped")
+    _serve_parser(sub)
     return parser
 
 
 COMMANDS = {"generate": cmd_generate, "models": cmd_models, "info": cmd_info, "convert": cmd_convert,
-            "eval": cmd_eval, "fit-teacache": cmd_fit_teacache, "lora": cmd_lora, "train": cmd_train}
+            "eval": cmd_eval, "fit-teacache": cmd_fit_teacache, "lora": cmd_lora, "train": cmd_train,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
