@@ -46,10 +46,8 @@ class Result:
     max_abs_out: float
 
 
-def build_pair(params: FluxParams, seed: int = 0):
-    """Our model with random weights, and diffusers' model loaded with the same weights through the key map."""
-    import diffusers  # test-only oracle: imported here so fluxion itself never needs it
-
+def random_flux(params: FluxParams, seed: int = 0) -> Flux:
+    """Our model in eval mode with seeded random weights."""
     ours = Flux(params).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -57,6 +55,14 @@ def build_pair(params: FluxParams, seed: int = 0):
             # std 1/sqrt(fan_in) keeps activations O(1) through the depth, so the output comparison means something
             std = p.shape[-1] ** -0.5 if p.ndim == 2 else 0.1
             p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if name.endswith(".scale") else 0.0))
+    return ours
+
+
+def build_pair(params: FluxParams, seed: int = 0):
+    """Our model with random weights, and diffusers' model loaded with the same weights through the key map."""
+    import diffusers  # test-only oracle: imported here so fluxion itself never needs it
+
+    ours = random_flux(params, seed)
     config = {k: v for k, v in diffusers_config(params).items() if not k.startswith("_")}
     theirs = diffusers.FluxTransformer2DModel(**config).eval()
     theirs.load_state_dict(to_diffusers(ours.state_dict(), "transformer"), strict=True)

@@ -192,7 +192,7 @@ def test_any_command_line_writes_images_or_exits_2(tmp_path_factory, monkeypatch
     work = tmp_path_factory.mktemp("cli")
     Image.new("RGB", (32, 32), (9, 9, 9)).save(work / "in.png")
     Image.new("L", (32, 32), 255).save(work / "mask.png")
-    monkeypatch.setattr(Pipeline, "from_pretrained", classmethod(lambda cls, name, device=None, dtype=None: (
+    monkeypatch.setattr(Pipeline, "from_pretrained", classmethod(lambda cls, name, device=None, dtype=None, **options: (
         cli_device_check(device), toy_pipe)[1]))
     argv = ["generate", prompt, "--out", str(work / "out" / ("a.png" if out_kind == "file" else ""))]
     for flag, values in options:

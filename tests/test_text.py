@@ -360,3 +360,17 @@ def test_minilm_outputs_usable_in_training(minilm):
     (layer(txt).sum() + layer(vec).sum()).backward()
     assert layer.weight.grad is not None
     assert not any(p.requires_grad for p in minilm.parameters())
+
+
+@pytest.mark.parametrize("cache_size", [0, 64])
+def test_minilm_states_do_not_depend_on_batch_mates(cache_size):
+    """A batch runs up to its longest prompt; encoding prompt by prompt keeps each one's states those it has alone,
+    bit for bit (the server's batched images rely on it)."""
+    from fluxion.text import load_minilm
+
+    prompts = ["x", "a red circle", "two big blue squares left of a small green triangle"]
+    txt, vec = load_minilm(cache_size=cache_size).encode(prompts)
+    for i, prompt in enumerate(prompts):
+        alone = load_minilm()
+        t, v = alone.encode([prompt])
+        assert torch.equal(txt[i], t[0]) and torch.equal(vec[i], v[0])

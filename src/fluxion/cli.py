@@ -36,6 +36,7 @@ def _generate_parser(sub) -> None:
     model.add_argument("--device", help="cuda, mps, cpu (default: the best available)")
     model.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     _lora_flag(model)
+    _speed_flags(model)
     gen = p.add_argument_group("generation")
     gen.add_argument("--prompt-file", type=Path, help="one prompt per line")
     gen.add_argument("--negative-prompt")
@@ -71,6 +72,29 @@ def _lora_flag(group) -> None:
     group.add_argument("--lora", action="append", metavar="PATH_OR_NAME[:SCALE]",
                        help="apply a LoRA file (or a name: built-in, e.g. star, or under $FLUXION_HOME/loras) at "
                             "SCALE (default 1); repeat to stack adapters")
+
+
+def _speed_flags(group) -> None:
+    group.add_argument("--quantize", metavar="SCHEME", help="quantize the transformer: int8, int8-weight, fp8 or "
+                                                           "int4 (kept under $FLUXION_HOME/quantized after the "
+                                                           "first start)")
+    group.add_argument("--offload", choices=["model", "sequential"],
+                       help="keep the weights on the CPU and move each model (or block) to the GPU while it runs")
+    group.add_argument("--compile", action="store_true", help="torch.compile the transformer (pays off over many "
+                                                              "steps or images; the first call compiles)")
+    group.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
+
+
+def load_pipeline(args, model: str, *, device=None, dtype=None, quantize=None, lora_records=None):
+    """The pipeline with the flags' speed and memory options, and its --lora adapters (or an image's)."""
+    from .pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, quantize=quantize, offload=args.offload,
+                                    vae_slicing=args.vae_slicing)
+    apply_loras(pipe, args.lora, lora_records)
+    if args.compile:
+        pipe.compile()  # after the adapters: their hooks are compiled in
+    return pipe
 
 
 def _cache_flag(group) -> None:
@@ -120,7 +144,8 @@ def apply_loras(pipe, specs: list[str] | None, records: list[dict] | None = None
 _RECORD_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "model": "model",
                  "num_inference_steps": "steps", "guidance_scale": "guidance", "true_cfg_scale": "true_cfg",
                  "width": "width", "height": "height", "init_image": "init_image", "strength": "strength",
-                 "mask_image": "mask", "sigmas": "sigmas", "dtype": "dtype", "device": "device", "cache": "cache"}
+                 "mask_image": "mask", "sigmas": "sigmas", "dtype": "dtype", "device": "device", "cache": "cache",
+                 "quantize": "quantize"}
 
 
 def _resolve_generate_args(args) -> dict:
@@ -213,7 +238,7 @@ def slug(text: str, limit: int = 60) -> str:
 
 def cmd_generate(args) -> None:
     from .metadata import GenerationSettings, PNG_KEY, save_png
-    from .pipeline import Pipeline
+    from .pipeline import check_options
     from .registry import find_lora
 
     target = OutputTarget.parse(args.out)
@@ -222,8 +247,9 @@ def cmd_generate(args) -> None:
     if args.lora:
         for spec, _ in map(parse_lora, args.lora):  # a wrong name fails before the model loads
             find_lora(spec)
-    pipe = Pipeline.from_pretrained(s.get("model") or DEFAULT_MODEL, device=s.get("device"), dtype=s.get("dtype"))
-    apply_loras(pipe, args.lora, s.get("loras"))
+    check_options(s.get("quantize"), args.offload)
+    pipe = load_pipeline(args, s.get("model") or DEFAULT_MODEL, device=s.get("device"), dtype=s.get("dtype"),
+                         quantize=s.get("quantize"), lora_records=s.get("loras"))
     images = (image for batch in pipe.generate_batches(request, progress=True, vae_tiling=args.vae_tiling)
               for image in batch)
     for i, image in enumerate(images):  # saved as each batch finishes: Ctrl-C keeps the images already made
@@ -298,7 +324,7 @@ def cmd_convert(args) -> None:
 
 def cmd_eval(args) -> None:
     from .eval import format_table, run_eval
-    from .pipeline import Pipeline
+    from .pipeline import check_options
     from .settings import GenerationRequest, integer
 
     images_per_prompt = integer("images_per_prompt", args.images_per_prompt, 1, 1000)
@@ -307,8 +333,8 @@ def cmd_eval(args) -> None:
                       true_cfg_scale=args.true_cfg, cache=args.cache)  # refuse bad settings before the model loads
     if not args.spec.is_file():
         raise InputError(f"--spec: no such file {args.spec}")
-    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    apply_loras(pipe, args.lora)
+    check_options(args.quantize, args.offload)
+    pipe = load_pipeline(args, args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
 
     def generate(prompts, seeds):
         return pipe(prompts, seed=seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -422,6 +448,13 @@ def _serve_parser(sub) -> None:
                                                                                    "doubling each time (default 1)")):
         p.add_argument(flag, type=kind, help=help_text)
     p.add_argument("--no-preload", action="store_true", help="load even the first model on first use")
+    ray = p.add_argument_group("Ray Serve (fluxion[ray]): one gateway with the job store, N renderer replicas")
+    ray.add_argument("--ray", action="store_true", help="serve through Ray Serve (see fluxion.server.ray_app)")
+    ray.add_argument("--replicas", type=int, default=1, help="renderer replicas (default 1)")
+    ray.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (default 0; 1 on a GPU cluster)")
+    ray.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica (default 1)")
+    ray.add_argument("--ray-address", help="a running Ray cluster (default: start Ray on this machine)")
+    ray.add_argument("--ray-num-cpus", type=int, help="CPUs of the Ray started here (default: all)")
 
 
 def cmd_serve(args) -> None:
@@ -444,6 +477,12 @@ def cmd_serve(args) -> None:
                           **{k: v for k, v in optional.items() if v is not None})
     print(f"fluxion serve: http://{config.host}:{config.port} (models: {', '.join(config.models)}; data: "
           f"{config.data_dir})", flush=True)
+    if args.ray:
+        from .server.ray_run import serve_ray
+
+        serve_ray(config, replicas=args.replicas, num_gpus=args.num_gpus, replica_cpus=args.replica_cpus,
+                  address=args.ray_address, num_cpus=args.ray_num_cpus)
+        return
     serve(config)
 
 
@@ -477,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"])
     _lora_flag(p)
+    _speed_flags(p)
     _cache_flag(p)
     p.add_argument("--out", type=Path, default=Path("eval-out"))
 

@@ -82,17 +82,27 @@ def vae_bytes(params: AutoEncoderParams, height: int, width: int, batch: int, it
 
 
 def estimate_memory(transformer, autoencoder, text_encoder=None, *, height: int, width: int, batch: int,
-                    text_tokens: int, cfg: bool = False, tiled: bool = False) -> MemoryEstimate:
-    """Peak memory of generating `batch` images of height x width with the given (loaded) models."""
+                    text_tokens: int, cfg: bool = False, tiled: bool = False, offload: str | None = None,
+                    sliced: bool = False) -> MemoryEstimate:
+    """Peak memory of generating `batch` images of height x width with the given (loaded) models, on the device
+    they run on. offload ("model" or "sequential", fluxion.offload): only the weights resident at the peak count.
+    sliced: the VAE decodes one image at a time (fluxion.slicing)."""
+    from .offload import device_weight_bytes
+    from .slicing import sliced_vae_bytes
+
     itemsize = next(transformer.parameters()).element_size()
     factor = autoencoder.downsample_factor * 2  # pixels per token side: VAE down-sampling, then 2x2 packing
     image_tokens = (height // factor) * (width // factor)
     forward_batch = batch * (2 if cfg else 1)  # true CFG runs both halves in one batched forward
+    models = {name: m for name, m in (("transformer", transformer), ("autoencoder", autoencoder),
+                                      ("text_encoder", text_encoder)) if isinstance(m, nn.Module)}
+    vae_itemsize = next(autoencoder.parameters()).element_size()
+    vae = (sliced_vae_bytes if sliced and batch > 1 else vae_bytes)(autoencoder.params, height, width, batch,
+                                                                     vae_itemsize, tiled)
     return MemoryEstimate(
-        weights=module_bytes(transformer, autoencoder, text_encoder),
+        weights=module_bytes(*models.values()) if offload is None else device_weight_bytes(models, offload),
         transformer=transformer_bytes(transformer.params, image_tokens + text_tokens, forward_batch, itemsize),
-        vae=vae_bytes(autoencoder.params, height, width, batch, next(autoencoder.parameters()).element_size(),
-                      tiled),
+        vae=vae,
     )
 
 

@@ -36,6 +36,7 @@ class GenerationSettings:
     device: str | None = None
     dtype: str | None = None
     cache: str | None = None  # step caching, e.g. "fbcache:0.1" (fluxion.cache)
+    quantize: str | None = None  # the transformer's weight quantization, e.g. "int8" (fluxion.quant)
     loras: list[dict] | None = None  # active adapters: name, file (its name), sha256 of its bytes, scale
     fluxion_version: str = field(default=__version__)
 

@@ -62,6 +62,14 @@ def tensor_to_images(x: Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in x]
 
 
+def check_options(quantize: str | None, offload: str | None) -> None:
+    from .quant.schemes import SCHEMES
+    from .settings import OFFLOAD_MODES, choice, optional
+
+    optional(choice, "quantize", quantize, SCHEMES)
+    optional(choice, "offload", offload, OFFLOAD_MODES)
+
+
 def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
@@ -94,14 +102,36 @@ class Pipeline:
 
     def __init__(self, transformer: Flux, autoencoder: AutoEncoder, text_encoder, *, variant: str | None = None,
                  name: str = "custom", defaults: dict | None = None, text_positions: bool = False,
-                 sizes: SizeRange | None = None, teacache_polynomial: tuple[float, ...] | None = None, device=None,
-                 dtype=None):
+                 sizes: SizeRange | None = None, teacache_polynomial: tuple[float, ...] | None = None,
+                 quantize: str | None = None, offload: str | None = None, compile: bool = False,
+                 vae_slicing: bool = False, device=None, dtype=None):
+        """quantize: "int8", "int8-weight", "fp8" or "int4" (fluxion.quant), the transformer's linears in place.
+        offload: "model" or "sequential" (fluxion.offload): the weights stay on the CPU and visit `device` while
+        they run. compile: torch.compile the transformer's blocks (fluxion.compile; see `compile()` for LoRA
+        hot-swap). vae_slicing: decode a batch one image at a time."""
+        from .quant import quantize as quantize_linears
+        from .quant import quantized_scheme
+
+        check_options(quantize, offload)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.transformer = transformer.to(self.device, self.dtype).eval()
-        self.autoencoder = autoencoder.to(self.device, self.dtype).eval()
+        home = torch.device("cpu") if offload else self.device  # offloaded weights live on the CPU
+        self.transformer = transformer.to(home, self.dtype).eval()
+        self.autoencoder = autoencoder.to(home, self.dtype).eval()
         # the text encoder keeps its own dtype (MiniLM stays fp32, T5 loads as asked); outputs are cast below
-        self.text_encoder = text_encoder.to(device=self.device)
+        self.text_encoder = text_encoder.to(device=home)
+        if quantize is not None and quantized_scheme(self.transformer) != quantize:
+            quantize_linears(self.transformer, quantize)  # (refuses a model quantized with another scheme)
+        self.quantization = quantized_scheme(self.transformer)  # also set for a model loaded quantized
+        self.offload = offload
+        self._offloads = []
+        if offload is not None:
+            from .offload import enable_offload
+
+            self._offloads = enable_offload(offload, self._models(), self.device)
+        if compile:
+            self.compile()
+        self.vae_slicing = vae_slicing
         self.variant = variant or ("dev" if transformer.params.guidance_embed else "schnell")
         if self.variant not in VARIANTS:
             raise InputError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
@@ -116,7 +146,7 @@ class Pipeline:
         self.last_cache = None
 
     @classmethod
-    def random_tiny(cls, *, device=None, dtype=None) -> "Pipeline":
+    def random_tiny(cls, *, device=None, dtype=None, **options) -> "Pipeline":
         """An UNTRAINED miniature model with random weights (fixed seed): exercises the whole machinery in tests
         and quick checks without loading weights; its images are noise-like."""
         from .model import AUTOENCODER_PRESETS, TRANSFORMER_PRESETS
@@ -129,26 +159,51 @@ class Pipeline:
             transformer = Flux(TRANSFORMER_PRESETS["tiny-schnell"])
             autoencoder = AutoEncoder(AUTOENCODER_PRESETS["tiny"])
         return cls(transformer, autoencoder, load_minilm(), variant="schnell", name=RANDOM_MODEL,
-                   defaults={"size": 64}, device=device, dtype=dtype)
+                   defaults={"size": 64}, device=device, dtype=dtype, **options)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, device=None, dtype=None) -> "Pipeline":
-        """Load a model from local files: a built-in name, a name under $FLUXION_HOME, or a folder path."""
+    def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, device=None, dtype=None, quantize: str | None = None,
+                        offload: str | None = None, compile: bool = False, vae_slicing: bool = False) -> "Pipeline":
+        """Load a model from local files: a built-in name, a name under $FLUXION_HOME, or a folder path. With
+        `quantize`, the quantized transformer is saved under $FLUXION_HOME/quantized the first time and loaded from
+        there afterwards (no re-quantizing at every start); a folder whose transformer file is already quantized
+        (fluxion.quant.save_quantized) loads as it is. Other options: see __init__."""
+        options = dict(quantize=quantize, offload=offload, compile=compile, vae_slicing=vae_slicing)
+        check_options(quantize, offload)  # before anything loads
         if name_or_path == RANDOM_MODEL:
-            return cls.random_tiny(device=device, dtype=dtype)
-        from .checkpoints import load_autoencoder, load_transformer
+            return cls.random_tiny(device=device, dtype=dtype, **options)
+        from .checkpoints import load_autoencoder
+        from .quant.startup import load_transformer_quantized
         from .text import load_text_encoder
 
         files = resolve(name_or_path)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        transformer = load_transformer(files.transformer, dtype=dtype, device=device)
-        autoencoder = load_autoencoder(files.autoencoder, dtype=dtype, device=device)
+        load_to = "cpu" if offload else device
+        transformer = load_transformer_quantized(files.transformer, quantize, dtype=dtype, device=load_to)
+        autoencoder = load_autoencoder(files.autoencoder, dtype=dtype, device=load_to)
         variant = files.variant or ("dev" if transformer.params.guidance_embed else "schnell")
-        text_encoder = load_text_encoder(files, variant=variant, dtype=dtype, device=device)
+        text_encoder = load_text_encoder(files, variant=variant, dtype=dtype, device=load_to)
         return cls(transformer, autoencoder, text_encoder, variant=variant, name=files.name,
                    defaults=files.defaults, text_positions=files.text_positions, sizes=files.sizes,
-                   teacache_polynomial=files.teacache_polynomial, device=device, dtype=dtype)
+                   teacache_polynomial=files.teacache_polynomial, device=device, dtype=dtype, **options)
+
+    # -- speed and memory options (fluxion.quant, fluxion.offload, fluxion.compile) -----------------------------
+    def _models(self) -> dict[str, torch.nn.Module]:
+        return {"text_encoder": self.text_encoder, "transformer": self.transformer, "autoencoder": self.autoencoder}
+
+    def compile(self, lora_rank: int | None = None, freezing: bool = False) -> None:
+        """torch.compile the transformer (regionally: each block kind and the final layer compile once per input
+        shape). lora_rank=R reserves LoRA hot-swap slots of rank R first, so that adapters up to that rank load,
+        switch and change scale without recompiling; without it, a LoRA change recompiles."""
+        from .compile import compile_transformer
+
+        compile_transformer(self.transformer, lora_rank=lora_rank, freezing=freezing)
+
+    def _release_device(self) -> None:
+        """After a job: offloaded weights go home, so the device holds nothing between jobs."""
+        for handle in self._offloads:
+            handle.evict()
 
     # -- LoRA adapters (fluxion.lora): applied to the transformer, switchable per call without a reload -----------
     def load_lora(self, path, name: str | None = None, scale: float = 1.0, strict: bool = True) -> str:
@@ -234,6 +289,10 @@ class Pipeline:
     @torch.inference_mode()
     def decode(self, latents: Tensor, tiled: bool = False) -> Tensor:
         latents = latents.to(self.device, self.dtype)
+        if self.vae_slicing and latents.shape[0] > 1:
+            from .slicing import decode_sliced
+
+            return decode_sliced(self.autoencoder, latents, tiled)
         return self.autoencoder.decode_tiled(latents) if tiled else self.autoencoder.decode(latents)
 
     def check_size(self, height: int, width: int, allow_any_size: bool = False) -> None:
@@ -256,7 +315,9 @@ class Pipeline:
     def estimate_memory(self, height: int, width: int, batch: int, cfg: bool = False,
                         tiled: bool = False) -> MemoryEstimate:
         return estimate_memory(self.transformer, self.autoencoder, self.text_encoder, height=height, width=width,
-                               batch=batch, text_tokens=self.text_encoder.max_length, cfg=cfg, tiled=tiled)
+                               batch=batch, text_tokens=self.text_encoder.max_length, cfg=cfg, tiled=tiled,
+                               # on the CPU, offloaded weights stay in the same memory
+                               offload=self.offload if self.device.type != "cpu" else None, sliced=self.vae_slicing)
 
     def estimate_seconds(self, height: int, width: int, batch: int, steps: int, cfg: bool = False) -> float:
         """A rough time for a job: its FLOPs at the pace this device's matrix multiply reaches, over the share of
@@ -424,11 +485,14 @@ class Pipeline:
             expected = (job.num_images, self.transformer.in_channels // 4, lat_h, lat_w)
             if tuple(latents.shape) != expected:
                 raise InputError(f"latents: expected shape {expected}, got {tuple(latents.shape)}")
-        for start in range(0, job.num_images, job.batch_size):
-            part = slice(start, start + job.batch_size)
-            with torch.inference_mode():
-                yield self._generate_batch(request, job, part, None if latents is None else latents[part], callback,
-                                           progress)
+        try:
+            for start in range(0, job.num_images, job.batch_size):
+                part = slice(start, start + job.batch_size)
+                with torch.inference_mode():
+                    yield self._generate_batch(request, job, part, None if latents is None else latents[part],
+                                               callback, progress)
+        finally:
+            self._release_device()
 
     def _generate_batch(self, r: GenerationRequest, job: Job, part: slice, latents: Tensor | None,
                         callback, progress: bool):
@@ -483,7 +547,7 @@ class Pipeline:
                 true_cfg_scale=job.true_cfg if job.use_cfg else 1.0, strength=r.strength, sigmas=r.sigmas,
                 init_image=r.init_image_path, mask_image=r.mask_image_path,
                 model=self.name, variant=self.variant, device=self.device.type, dtype=dtype_name(self.dtype),
-                loras=loras, cache=None if r.cache is None else str(r.cache))
+                loras=loras, cache=None if r.cache is None else str(r.cache), quantize=self.quantization)
             im.info[PNG_KEY] = settings.to_json()
         return images
 

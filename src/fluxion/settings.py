@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from .cache import CacheSpec
+from .quant.schemes import SCHEMES
 from .errors import InputError
 
 MAX_PROMPT_CHARS = 10_000  # far beyond what T5 (512 tokens) or CLIP (77) read; refuses pasted files, not prompts
@@ -28,8 +29,9 @@ FLAGS = {
     "seed": "--seed", "num_images_per_prompt": "--num-images", "image": "--init-image", "strength": "--strength",
     "mask_image": "--mask", "sigmas": "--sigmas", "max_memory": "--max-memory", "device": "--device",
     "dtype": "--dtype", "model": "--model", "images_per_prompt": "--images-per-prompt", "max_steps": "--max-steps",
-    "cache": "--cache",
+    "cache": "--cache", "quantize": "--quantize", "offload": "--offload",
 }
+OFFLOAD_MODES = ("model", "sequential")
 
 
 def label(name: str) -> str:
@@ -320,5 +322,6 @@ RECORD_CHECKS = {
     "dtype": lambda v: optional(choice, "dtype", v, ("fp32", "bf16", "fp16")),
     "loras": lambda v: optional(lora_records, "loras", v),
     "cache": lambda v: optional(lambda name, value: str(CacheSpec.parse(value, name)), "cache", v),
+    "quantize": lambda v: optional(choice, "quantize", v, SCHEMES),
     "fluxion_version": lambda v: text("fluxion_version", v),
 }

@@ -10,7 +10,11 @@ from ..errors import CheckpointError
 from .adapters import (
     Adapter,
     add_adapter,
+    delete_adapter,
+    disable_hotswap,
+    enable_hotswap,
     fuse_adapters,
+    hotswap_rank,
     loaded_adapters,
     set_adapters,
     unfuse_adapters,
@@ -66,7 +70,7 @@ unload_loras = unload_adapters
 
 __all__ = [
     "FORMATS", "LAYOUTS", "Adapter", "DenseDelta", "Hadamard", "Kronecker", "LoraFile", "LowRank", "RowBlocks",
-    "Update", "add_adapter", "apply_text_encoder_lora", "convert_lora", "describe_lora", "detect_lora_format",
-    "fuse_loras", "load_lora", "load_peft", "loaded_adapters", "read_lora", "read_lora_file", "save_lora",
-    "set_loras", "unfuse_loras", "unload_loras",
+    "Update", "add_adapter", "apply_text_encoder_lora", "convert_lora", "delete_adapter", "describe_lora",
+    "detect_lora_format", "disable_hotswap", "enable_hotswap", "fuse_loras", "hotswap_rank", "load_lora", "load_peft",
+    "loaded_adapters", "read_lora", "read_lora_file", "save_lora", "set_loras", "unfuse_loras", "unload_loras",
 ]

@@ -6,7 +6,8 @@
 Modules, one job each: config (ServerConfig), jobs (the SQLite job store), specs (checking a request into a JobSpec),
 models (ModelInfo, the LRU of pipelines), loras (per-request adapters), batching (groups and one pipeline call
 per group, bit-exact through fluxion.invariance), engine (the worker), events, outputs, webhooks, security,
-metrics, errors, common, openai_api, bfl_api, app (create_app)."""
+metrics, errors, common, openai_api, bfl_api, web (the page at /, files in page/), app (create_app); for Ray Serve
+(fluxion[ray]): ray_engine (the gateway's engine), ray_app (the deployments), ray_run (`fluxion serve --ray`)."""
 
 _EXPORTS = {"ServerConfig": "fluxion.server.config", "create_app": "fluxion.server.app",
             "Engine": "fluxion.server.engine", "serve": "fluxion.server.run"}

@@ -1,5 +1,5 @@
-"""create_app(config) -> FastAPI: the routes (openai_api, bfl_api, /healthz, /metrics), one error shape for
-everything, a request-body limit and request counting. The engine starts and stops with the app."""
+"""create_app(config) -> FastAPI: the routes (openai_api, bfl_api, the web page, /healthz, /metrics), one error
+shape for everything, a request-body limit and request counting. The engine starts and stops with the app."""
 
 import logging
 from contextlib import asynccontextmanager
@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
-from . import bfl_api, openai_api
+from . import bfl_api, openai_api, web
 from .bfl_api import bfl_result
 from .common import ServerState, authenticate, state_of
 from .config import ServerConfig
@@ -39,6 +39,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     app.add_route("/healthz", _healthz, methods=["GET"])
     app.add_api_route("/metrics", _metrics, methods=["GET"], dependencies=[Depends(authenticate)],
                       response_class=PlainTextResponse)
+    app.include_router(web.router)
     app.include_router(openai_api.router)
     app.include_router(bfl_api.router)
     app.add_middleware(RequestMetrics, state=state)

@@ -77,7 +77,8 @@ def _job_json(state: ServerState, job: Job, base: str) -> dict:
     return {"id": job.id, "object": "job", "model": job.model, "state": job.state, "attempts": job.attempts,
             "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
             "error": None if job.error is None else {"message": job.error, "param": job.error_param},
-            "results": [{"url": result_url(state, job, r["file"], base), "seed": r["seed"]}
+            "results": [{"url": result_url(state, job, r["file"], base), "seed": r["seed"],
+                         **{k: r[k] for k in ("replica", "batch") if k in r}}  # under Ray Serve (ray_app)
                         for r in job.results or []] if job.state == states.READY else None}
 
 

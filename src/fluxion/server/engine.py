@@ -77,6 +77,8 @@ class Engine:
         if requeued or failed:
             log.warning("restart: %d interrupted job(s) queued again, %d failed after a second interruption",
                         len(requeued), len(failed))
+        for job_id in requeued + failed:  # a killed write leaves its temp file: the rerun writes every image anew
+            shutil.rmtree(self.results_dir / job_id, ignore_errors=True)
         targets = [(self._start_up, "fluxion-start"), (self._janitor, "fluxion-janitor")]
         targets += [(self._work, f"fluxion-worker-{i}") for i in range(self.config.workers)]
         for target, name in targets:

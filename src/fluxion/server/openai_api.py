@@ -149,7 +149,13 @@ async def _answer(state: ServerState, job: Job, spec: JobSpec, response_format: 
                 for b, r in zip(blobs, job.results)]
     return JSONResponse({"created": int(job.created_at), "id": job.id, "data": data,
                          "output_format": spec.output_format, "size": f"{spec.width}x{spec.height}",
-                         "background": "opaque", "quality": "auto", "usage": _usage()})
+                         "background": "opaque", "quality": "auto", "usage": _usage()}, headers=_replica(job))
+
+
+def _replica(job: Job) -> dict:
+    """Under Ray Serve (ray_app), which renderer replica made the images."""
+    replicas = sorted({r["replica"] for r in job.results or [] if r.get("replica")})
+    return {"X-Fluxion-Replica": ",".join(replicas)} if replicas else {}
 
 
 def _usage() -> dict:

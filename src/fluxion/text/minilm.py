@@ -123,16 +123,15 @@ class MiniLMEncoder(nn.Module):
         """(B,) prompts -> txt (B, max_length, 384), vec (B, 384), on the encoder's device, served from the cache
         where possible."""
         prompts = check_prompts(prompts)
-        if not self.cache_size:
-            return self.encode_uncached(prompts)
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        cache = self._cache if self.cache_size else {}
+        # one prompt at a time: a batch runs up to its longest prompt, and a prompt's states would then depend (by
+        # float rounding) on its batch-mates, so the same prompt and seed would not give the same image in every batch
         fresh: dict[str, tuple[Tensor, Tensor]] = {}
-        if missing:
-            txt, vec = self.encode_uncached(missing)
-            # clone() gives each row its own storage, so a cached row does not pin its whole batch.
-            fresh = {p: (t.cpu().clone(), v.cpu().clone()) for p, t, v in zip(missing, txt, vec)}
-        rows = [fresh[p] if p in fresh else self._cache[p] for p in prompts]
-        for p in prompts:
+        for p in dict.fromkeys(p for p in prompts if p not in cache):
+            txt, vec = self.encode_uncached([p])
+            fresh[p] = (txt[0].cpu(), vec[0].cpu())
+        rows = [fresh[p] if p in fresh else cache[p] for p in prompts]
+        for p in prompts if self.cache_size else ():
             if p in fresh:
                 self._cache[p] = fresh[p]
             self._cache.move_to_end(p)
