@@ -54,7 +54,7 @@ def measure(size: int, batch: int, output: str, model: str = "tiny-schnell") -> 
          allow_any_size=True, seed=0)
     growth = peak_growth(before)
     est = pipe.estimate_memory(size, size, batch)
-    predicted = est.working if output == "pil" else est.transformer
+    predicted = est.working if output == "pil" else est.transformer + est.base
     return {"size": size, "batch": batch, "output": output, "growth": growth, "predicted": predicted,
             "ratio": predicted / growth}
 

@@ -90,3 +90,8 @@ def test_memory_estimate_follows_the_options(home):
     quantized = Pipeline.from_pretrained("tiny-dev", quantize="int8")
     assert estimate_memory(quantized.transformer, quantized.autoencoder, **kw).weights < \
         estimate_memory(pipe.transformer, pipe.autoencoder, **kw).weights
+    from fluxion.memory import quantized_working_bytes
+
+    linears = [m for m in quantized.transformer.modules() if getattr(m, "qweight", None) is not None]
+    # int8 on the CPU: fbgemm's packed copy, one byte per quantized weight
+    assert quantized_working_bytes(quantized.transformer, "cpu") == sum(m.qweight.numel() for m in linears)

@@ -96,12 +96,14 @@ def test_interleaved_adapters_do_not_leak(dev, tmp_path):
     assert not np.array_equal(pixels(got[0][0][0]), pixels(got[1][0][0]))
 
 
-def test_quantized_groups_stay_bit_exact(one_thread):  # noqa: F811
+def test_quantized_groups_stay_bit_exact(one_thread, tmp_path, monkeypatch):  # noqa: F811
     """--quantize int8: fluxion.quant's int8 GEMM quantizes activations per sample, the adaLN path goes through
-    the invariant mode, so batching is still exact."""
+    the invariant mode, so batching is still exact; the images record the scheme."""
     from fluxion.server.models import load_pipeline
 
+    monkeypatch.setenv("FLUXION_HOME", str(tmp_path))  # where the quantized weights are kept
     pipe = load_pipeline("tiny-schnell", quantize="int8")
+    assert pipe.quantization == "int8"
     specs = [spec(p, [i]) for i, p in enumerate(PROMPTS[:3])]
     for s, (image,) in zip(specs, render_group(pipe, specs)):
         alone = pipe(s.prompt, seed=s.seeds[0], height=64, width=64, num_inference_steps=2)[0]

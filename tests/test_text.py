@@ -319,7 +319,7 @@ def test_minilm_truncation_warning(minilm, caplog):
     with caplog.at_level(logging.WARNING, logger="fluxion.text"):
         enc.encode(PROMPTS)
     messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 1 and messages[0].startswith("MiniLM: prompt 1 ")
+    assert len(messages) == 1 and messages[0].startswith(f"MiniLM: prompt {PROMPTS[1][:40] + '...'!r} has ")
     assert f"{n[1] - n[0]} tokens dropped" in messages[0]
     assert messages[0].endswith("'hexagon!'")  # the dropped text, as the tokenizer decodes it
 
@@ -331,10 +331,10 @@ def test_minilm_cache(minilm, monkeypatch):
     monkeypatch.setattr(enc, "encode_uncached", lambda prompts: calls.append(list(prompts)) or uncached(prompts))
 
     txt, vec = enc.encode(["a", "b", "a"])
-    assert calls == [["a", "b"]]  # duplicates encoded once
+    assert calls == [["a"], ["b"]]  # duplicates encoded once, each prompt alone (its states never its batch's)
     assert torch.equal(txt[0], txt[2])
     txt2, vec2 = enc.encode(["b", "a"])
-    assert calls == [["a", "b"]]  # all hits
+    assert calls == [["a"], ["b"]]  # all hits
     assert torch.equal(txt2[0], txt[1]) and torch.equal(vec2[1], vec[0])
     ref = uncached(["a", "b"])
     torch.testing.assert_close(txt2, ref[0][[1, 0]], rtol=0, atol=1e-5)

@@ -285,6 +285,10 @@ def describe(path: Path) -> dict:
 
     from .checkpoints import open_checkpoint
 
+    from .quant import is_quantized_file
+
+    if is_quantized_file(path):  # its quantized layers have no .weight to infer sizes from: the header has them
+        return describe_quantized(path)
     source = open_checkpoint(path)
     params = source.params()
     info = {"path": str(path), "component": source.component, "layout": source.layout}
@@ -309,6 +313,18 @@ def describe(path: Path) -> dict:
     if fluxion_meta:
         info["metadata"] = fluxion_meta
     return info
+
+
+def describe_quantized(path: Path) -> dict:
+    from .checkpoints.io import read_checkpoint_info
+    from .quant.storage import DTYPE_KEY, PARAMS_KEY, QUANT_METADATA_KEY
+
+    header = read_checkpoint_info(path)
+    meta = header.metadata
+    return {"path": str(path), "component": "transformer", "layout": "fluxion quantized",
+            "quantization": meta.get(QUANT_METADATA_KEY), "compute_dtype": meta.get(DTYPE_KEY),
+            "params": json.loads(meta.get(PARAMS_KEY, "{}")), "bytes": path.stat().st_size,
+            "keys": {"total": len(header.tensors)}}
 
 
 def cmd_info(args) -> None:

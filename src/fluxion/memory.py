@@ -22,10 +22,13 @@ ROPE_BYTES_PER_HEAD_CHANNEL = 24
 # upsample from level 1) live at once, GroupNorm and conv workspaces included.
 VAE_UNITS = 4.5
 # Measured on the CPU with tiny-schnell in fp32 (peak RSS growth of jobs in a warmed-up process with freed memory
-# trimmed and the peak mark reset, benchmarks/memory_estimate.py): 126, 356, 628 and 1211 MB for whole jobs at
-# 256-1024 px (these constants: 75, 302, 679, 1208), and 126-373 MB for transformer-only runs of batch 2-4 at
-# 512-1024 px (84-329). One-time costs of a process's first job are not counted (importing the FLOP counter behind
-# --allow-any-size's time estimate: ~80 MB); the headroom below covers them.
+# trimmed and the peak mark reset, benchmarks/memory_estimate.py): 112, 320, 728 and 1200 MB for whole jobs at
+# 256-1024 px (these constants with JOB_BASE_BYTES: 109, 336, 713, 1242), and 120-337 MB for transformer-only runs
+# of batch 2-4 at 512-1024 px (117-363). One-time costs of a process's first job are not counted (importing the
+# FLOP counter behind --allow-any-size's time estimate: ~80 MB); the headroom below covers them.
+# What a job touches beyond its activations, whatever its size: allocator and thread-pool pages (measured as the
+# gap on the smallest jobs, 40-50 MB at 256 px; taken lower so that large jobs stay within the fit).
+JOB_BASE_BYTES = 32 * 2**20
 VAE_TILE = 512  # pixels a side of a tile in the tiled decode (AutoEncoder.decode_tiled's 64 latent pixels)
 # A job may take this share of the memory still available: the rest stays for the system and the estimate's error.
 MEMORY_HEADROOM = 0.9
@@ -34,15 +37,17 @@ MEMORY_HEADROOM = 0.9
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Peak memory of a job in bytes: the resident weights plus the largest working set of its phases (text
-    encoding, transformer forwards, VAE decode run one after another, each freeing its memory)."""
+    encoding, transformer forwards, VAE decode run one after another, each freeing its memory) plus a base that
+    every job touches."""
 
     weights: int
     transformer: int
     vae: int
+    base: int = JOB_BASE_BYTES
 
     @property
     def working(self) -> int:
-        return max(self.transformer, self.vae)
+        return max(self.transformer, self.vae) + self.base
 
     @property
     def total(self) -> int:
@@ -81,6 +86,22 @@ def vae_bytes(params: AutoEncoderParams, height: int, width: int, batch: int, it
     return int(batch * VAE_UNITS * widest * itemsize * height * width)
 
 
+def quantized_working_bytes(transformer, device_type: str) -> int:
+    """What quantized layers (fluxion.quant) take beyond their stored bytes while they run: int8 on the CPU keeps
+    fbgemm's packed copy of its weights (one byte per weight); the dequantizing schemes rebuild one layer's full
+    weight per call (through float32: 4 bytes per weight at most)."""
+    extra, widest = 0, 0
+    for module in transformer.modules():
+        if getattr(module, "qweight", None) is None:
+            continue
+        weights = module.in_features * module.out_features
+        if module.scheme.dynamic and device_type == "cpu":
+            extra += weights
+        else:
+            widest = max(widest, 4 * weights)
+    return extra + widest
+
+
 def estimate_memory(transformer, autoencoder, text_encoder=None, *, height: int, width: int, batch: int,
                     text_tokens: int, cfg: bool = False, tiled: bool = False, offload: str | None = None,
                     sliced: bool = False) -> MemoryEstimate:
@@ -100,7 +121,8 @@ def estimate_memory(transformer, autoencoder, text_encoder=None, *, height: int,
     vae = (sliced_vae_bytes if sliced and batch > 1 else vae_bytes)(autoencoder.params, height, width, batch,
                                                                      vae_itemsize, tiled)
     return MemoryEstimate(
-        weights=module_bytes(*models.values()) if offload is None else device_weight_bytes(models, offload),
+        weights=(module_bytes(*models.values()) if offload is None else device_weight_bytes(models, offload))
+        + quantized_working_bytes(transformer, next(transformer.parameters()).device.type),
         transformer=transformer_bytes(transformer.params, image_tokens + text_tokens, forward_batch, itemsize),
         vae=vae,
     )

@@ -104,9 +104,11 @@ class QuantLinear(nn.Linear):
                 y = None
             if y is not None:
                 return y
-        if s.group_size is None and x.numel() < DYNAMIC_MIN_TOKENS * x.shape[-1]:
-            # a few rows (adaLN's one vector per sample): scale the output, not the weight, one weight-sized pass
-            # less (int8 and fp8 values are exact in bf16 and fp16)
+        # a few rows per sample (adaLN's one vector): scale the output, not the weight, one weight-sized pass less
+        # (int8 and fp8 values are exact in bf16 and fp16). Counted per sample, not per batch, so that a sample's
+        # path, and so its rounding, does not depend on its batch.
+        rows_per_sample = x.shape[-2] if x.ndim >= 3 else 1
+        if s.group_size is None and rows_per_sample < DYNAMIC_MIN_TOKENS:
             y = F.linear(x, stored_values(self.qweight).to(x.dtype)) * self.qscale.to(x.dtype)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.dequantize(x.dtype), self.bias)

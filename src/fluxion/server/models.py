@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InputError
 from ..settings import SizeRange
 from .specs import size_rules
 
@@ -61,22 +60,11 @@ class ModelInfo:
 
 
 def load_pipeline(name: str, *, device=None, dtype=None, quantize: str | None = None):
-    """The default loader: Pipeline.from_pretrained, then weight quantization if asked."""
+    """The default loader: Pipeline.from_pretrained, quantized if asked (the quantized weights are kept under
+    $FLUXION_HOME/quantized after the first start, and the images record the scheme)."""
     from ..pipeline import Pipeline
 
-    pipe = Pipeline.from_pretrained(name, device=device, dtype=dtype)
-    if quantize:
-        quantize_pipeline(pipe, quantize)
-    return pipe
-
-
-def quantize_pipeline(pipe, scheme: str) -> None:
-    """Quantize the transformer's weights in place with fluxion.quant (before any adapter is loaded, as it asks)."""
-    try:
-        from ..quant import quantize
-    except ImportError:
-        raise InputError(f"--quantize {scheme}: this fluxion has no weight quantization (fluxion.quant)") from None
-    quantize(pipe.transformer, scheme)
+    return Pipeline.from_pretrained(name, device=device, dtype=dtype, quantize=quantize)
 
 
 class ModelPool:

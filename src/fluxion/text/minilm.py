@@ -93,8 +93,9 @@ class MiniLMEncoder(nn.Module):
                 dropped = self.tokenizer.decode(ids[self.max_length - 1:], skip_special_tokens=True)
                 if len(dropped) > 200:
                     dropped = dropped[:200] + "..."
-                log.warning("MiniLM: prompt %d has %d tokens, over max_length=%d; %d tokens dropped: %r",
-                            i, len(ids), self.max_length, len(ids) - self.max_length, dropped)
+                start = prompts[i] if len(prompts[i]) <= 40 else prompts[i][:40] + "..."
+                log.warning("MiniLM: prompt %r has %d tokens, over max_length=%d; %d tokens dropped: %r",
+                            start, len(ids), self.max_length, len(ids) - self.max_length, dropped)
         ids = torch.tensor([e.ids for e in batch], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in batch], dtype=torch.long)
         return ids, mask
