@@ -16,7 +16,6 @@ import json
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -28,14 +27,8 @@ from pathlib import Path
 
 import httpx
 
-PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow circle", "a purple square",
-           "an orange triangle above a red square", "three yellow circles", "a blue circle right of a green square"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from server_throughput import PROMPTS, free_port  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
