@@ -127,11 +127,12 @@ def _retry(ledger: Ledger, answer: httpx.Response | None) -> None:
     time.sleep(0.1 if answer is None else min(2.0, float(answer.headers.get("retry-after", 0.2))))
 
 
-def submit(http: httpx.Client, key: str, body: dict, ledger: Ledger, give_up_at: float) -> str | None:
-    """POST until the server answers an id (the same key: a lost answer's job is found, not made again)."""
+def answered(send, ledger: Ledger, give_up_at: float) -> httpx.Response | None:
+    """send() until the server answers other than 429/503 (transport errors and refusals are counted and
+    retried), or None at give_up_at."""
     while time.time() < give_up_at:
         try:
-            answer = http.post("/v1/tiny-schnell", json=body, headers={"Idempotency-Key": key})
+            answer = send()
         except httpx.TransportError:
             _retry(ledger, None)
             continue
@@ -139,33 +140,34 @@ def submit(http: httpx.Client, key: str, body: dict, ledger: Ledger, give_up_at:
             _retry(ledger, answer)
             continue
         ledger.ok()
-        if answer.status_code != 200:
-            with ledger.lock:
-                ledger.errors.append(f"submit {key}: {answer.status_code} {answer.text[:200]}")
-            return None
-        job_id = answer.json()["id"]
-        with ledger.lock:
-            ledger.accepted.setdefault(key, job_id)
-            ledger.ids_per_key.setdefault(key, set()).add(job_id)
-            ledger.accepted_at.setdefault(key, time.time())
-            ledger.bodies[key] = body
-        return job_id
-    with ledger.lock:
-        ledger.unanswered += 1
+        return answer
     return None
 
 
+def submit(http: httpx.Client, key: str, body: dict, ledger: Ledger, give_up_at: float) -> str | None:
+    """POST until the server answers an id (the same key: a lost answer's job is found, not made again)."""
+    answer = answered(lambda: http.post("/v1/tiny-schnell", json=body, headers={"Idempotency-Key": key}), ledger,
+                      give_up_at)
+    if answer is None:
+        with ledger.lock:
+            ledger.unanswered += 1
+        return None
+    if answer.status_code != 200:
+        with ledger.lock:
+            ledger.errors.append(f"submit {key}: {answer.status_code} {answer.text[:200]}")
+        return None
+    job_id = answer.json()["id"]
+    with ledger.lock:
+        ledger.accepted.setdefault(key, job_id)
+        ledger.ids_per_key.setdefault(key, set()).add(job_id)
+        ledger.accepted_at.setdefault(key, time.time())
+        ledger.bodies[key] = body
+    return job_id
+
+
 def poll(http: httpx.Client, key: str, job_id: str, ledger: Ledger, give_up_at: float) -> None:
-    while time.time() < give_up_at:
-        try:
-            answer = http.get("/v1/get_result", params={"id": job_id})
-        except httpx.TransportError:
-            _retry(ledger, None)
-            continue
-        if answer.status_code in (429, 503):
-            _retry(ledger, answer)
-            continue
-        ledger.ok()
+    while (answer := answered(lambda: http.get("/v1/get_result", params={"id": job_id}), ledger,
+                              give_up_at)) is not None:
         status = answer.json().get("status")
         if status == "Ready":
             with ledger.lock:

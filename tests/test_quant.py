@@ -6,6 +6,7 @@ import copy
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,9 @@ from fluxion.quant import (
 )
 from fluxion.quant import linear as qlinear
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from transformer_step import random_flux as benchmark_random_flux  # noqa: E402
+
 PARAMS = TRANSFORMER_PRESETS["debug"]
 # measured max over 5 seeds (fp32 / bf16 against the plain model of the same dtype): int8 0.014 / 0.017,
 # int8-weight 0.009 / 0.012, fp8 0.034 / 0.036, int4 0.13 / 0.13
@@ -36,14 +40,8 @@ TOLERANCE = {"int8": 0.03, "int8-weight": 0.025, "fp8": 0.07, "int4": 0.25}
 
 
 def random_flux(seed: int = 0, dtype=torch.float32) -> Flux:
-    """Random weights as benchmarks/transformer_step.py's: std 1/sqrt(fan_in), norm scales around 1."""
-    model = Flux(PARAMS).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            std = p.shape[-1] ** -0.5 if p.ndim == 2 else 0.1
-            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if name.endswith(".scale") else 0.0))
-    return model.to(dtype)
+    """Random weights as the benchmarks': std 1/sqrt(fan_in), norm scales around 1."""
+    return benchmark_random_flux(PARAMS, seed).to(dtype)
 
 
 def inputs(dtype=torch.float32, batch=2, side=6, txt=20, seed=0) -> dict:
