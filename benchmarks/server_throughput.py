@@ -9,6 +9,10 @@ and seed). A run warms up, then counts the requests that end within the next --s
 their number over --seconds, p50/p95 their latencies (request sent to image received).
 
     python benchmarks/server_throughput.py --threads 1 --seconds 20 --json server_throughput.json
+
+`--breakdown` times the parts of one image instead (no HTTP), to show the ceiling batching can reach: the
+transformer's steps per image alone and in a batch of 16, the VAE decode and the rest (PNG, tensors to images),
+which cost the same per image batched or not.
 """
 
 import argparse
@@ -74,6 +78,57 @@ print(json.dumps({{"images": i, "seconds": time.perf_counter() - start, "latenci
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     data = json.loads(out.stdout.strip().splitlines()[-1])
     return summary("sequential (pipeline loop)", 1, data["images"], data["seconds"], data["latencies"])
+
+
+BREAKDOWN = """
+import json, time, torch
+from fluxion import Pipeline
+from torch.utils.flop_counter import FlopCounterMode
+from fluxion.invariance import batch_invariant
+pipe = Pipeline.from_pretrained("tiny-schnell")
+prompts, kw = {prompts!r}, dict(height={size}, width={size}, num_inference_steps={steps})
+def ms_per_image(call, images, repeats):
+    call(); call()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    return (time.perf_counter() - start) / repeats / images * 1000
+image = ms_per_image(lambda: pipe(prompts[0], seed=1, **kw), 1, 40)
+steps_alone = ms_per_image(lambda: pipe(prompts[0], seed=1, output_type="latent", **kw), 1, 40)
+with batch_invariant():
+    steps_batched = ms_per_image(lambda: pipe(prompts[:1] * 16, seed=1, output_type="latent", **kw), 16, 5)
+latents = pipe(prompts[0], seed=1, output_type="latent", **kw)
+decode = ms_per_image(lambda: pipe.decode(latents), 1, 40)
+with FlopCounterMode(display=False) as counter:
+    pipe(prompts[:1] * 16, seed=1, output_type="latent", **kw)
+steps_gflop = counter.get_total_flops() / 16 / 1e9
+a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+peak = 2 * 1024 ** 3 / ms_per_image(lambda: a @ b, 1, 20) / 1e6
+print(json.dumps(dict(image=image, steps_alone=steps_alone, steps_batched=steps_batched, decode=decode,
+                      steps_gflop=steps_gflop, gemm_gflops=peak)))
+"""
+
+
+def breakdown(args) -> None:
+    """Per-image milliseconds of each part, and the most batching could give if everything else cost nothing."""
+    code = BREAKDOWN.format(prompts=PROMPTS, size=args.size, steps=args.steps)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    ms = json.loads(out.stdout.strip().splitlines()[-1])
+    rest = ms["image"] - ms["steps_alone"] - ms["decode"]
+    floor = ms["steps_batched"] + ms["decode"] + rest
+    print(f"one image alone:              {ms['image']:6.1f} ms")
+    print(f"  transformer steps (+text):  {ms['steps_alone']:6.1f} ms alone, {ms['steps_batched']:.1f} ms per image "
+          f"in a batch of 16 (batch-invariant)")
+    print(f"  VAE decode:                 {ms['decode']:6.1f} ms")
+    print(f"  the rest (PNG, conversion): {rest:6.1f} ms")
+    print(f"batched floor per image:      {floor:6.1f} ms -> at most {ms['image'] / floor:.2f}x the pipeline loop "
+          f"without HTTP or queueing")
+    at_peak = ms["steps_gflop"] / ms["gemm_gflops"] * 1000
+    print(f"  the steps are {ms['steps_gflop']:.2f} GFLOP per image: {at_peak:.1f} ms at this core's fp32 GEMM peak "
+          f"({ms['gemm_gflops']:.0f} GFLOP/s), so even then at most "
+          f"{ms['image'] / (at_peak + ms['decode'] + rest):.2f}x")
+    print(f"machine: {cpu_name()}, {args.threads} torch thread(s), load average {os.getloadavg()}")
 
 
 def summary(name: str, clients: int, images: int, seconds: float, latencies: list[float]) -> dict:
@@ -152,7 +207,10 @@ def main() -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=50.0)
     parser.add_argument("--workers", type=int, default=2, help="also run the batching server with this many workers")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--breakdown", action="store_true", help="time the parts of one image instead")
     args = parser.parse_args()
+    if args.breakdown:
+        return breakdown(args)
 
     load_before = os.getloadavg()
     rows = [sequential(args)]
