@@ -5,7 +5,7 @@ recipe's batch size and text length, on a 64x64 image (16 packed tokens), with r
 `run.precision` choice buys. bf16 pays only on CPUs with bf16 instructions (AVX512-BF16, AMX); elsewhere it is
 several times slower than fp32.
 
-    python benchmarks/train_step.py recipes/experiments/tiny-pro-cycle8.toml --threads 2
+    python benchmarks/train_step.py recipes/history/tiny-pro-cycle8.toml --threads 2
 """
 
 import argparse

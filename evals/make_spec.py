@@ -1,18 +1,20 @@
-"""Writes evals/shapes.jsonl, the GenEval-style spec for the shapes world, and evals/star.jsonl, the same tasks for
+"""Writes evals/shapes.jsonl, the GenEval-style spec for the shapes world; evals/shapes-phrasings.jsonl, the same
+entries in wordings kept out of training (fluxion.data.captions.WORDINGS); and evals/star.jsonl, the same tasks for
 the held-out star that a LoRA teaches (deterministic: same files every run).
 
-    python evals/make_spec.py            # both files
+    python evals/make_spec.py            # all three files
 """
 
 import argparse
 import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from fluxion.data.captions import noun_phrase
-from fluxion.data.shapes import COLORS, HELD_OUT_PAIRS, RELATIONS, TRAIN_SHAPES
+from fluxion.data.captions import Wording, caption_styles, describe, held_out_wording, noun_phrase
+from fluxion.data.shapes import COLORS, HELD_OUT_PAIRS, INVERSE_RELATION, RELATIONS, TRAIN_SHAPES, scene_from_spec
 
 SEED = 0
 PHOTO = "a photo of "
@@ -145,6 +147,39 @@ def build_spec(seed: int = SEED) -> list[dict]:
     return unique
 
 
+RELATION_FIELDS = {"left of": "left", "right of": "right", "above": "above", "below": "below"}
+
+
+def _wording_fields(scene, style) -> tuple[str, ...]:
+    """The Wording fields a caption of `scene` in `style` uses."""
+    used = ["frame", "end"]
+    counts = [len(scene.objects)] if scene.relation is None else [1, 1]
+    used += ["one"] if 1 in counts else ["count"]
+    used += ["color"] if style.color else []
+    used += ["background"] if style.background else []
+    if scene.relation is not None and style.form in ("relation", "inverse"):
+        relation = scene.relation if style.form == "relation" else INVERSE_RELATION[scene.relation]
+        used += ["clause", RELATION_FIELDS[relation]]
+    elif scene.relation is not None:
+        used += ["pair"]
+    return tuple(used)
+
+
+def heldout_phrasings(entries: list[dict], seed: int = SEED) -> list[dict]:
+    """The entries with their prompts in held-out wordings: each rephrased with held-out words in some of the
+    fields its caption uses (each with probability 1/2, at least one), the scene asked for unchanged."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, entry in enumerate(entries):
+        scene = scene_from_spec(entry, np.random.default_rng(i), (64, 64))
+        style = next(s for s in caption_styles(scene) if describe(scene, s) == entry["prompt"])
+        wording = held_out_wording(rng, _wording_fields(scene, style))
+        if style.prefix and wording.frame == Wording.frame and wording.clause == Wording.clause:
+            wording = replace(wording, frame=style.prefix + "{}")  # keep "a photo of" unless the frame changed
+        out.append({**entry, "prompt": describe(scene, replace(style, prefix="", wording=wording))})
+    return out
+
+
 def star_spec(shape: str = "star") -> list[dict]:
     """GenEval's tasks for one new shape: alone, in every colour, counted, beside each trained shape (both
     orders), and placed by each relation against each trained shape (as the subject, then as the target)."""
@@ -176,7 +211,9 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent)
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
-    write(build_spec(args.seed), args.out_dir / "shapes.jsonl")
+    spec = build_spec(args.seed)
+    write(spec, args.out_dir / "shapes.jsonl")
+    write(heldout_phrasings(spec, args.seed), args.out_dir / "shapes-phrasings.jsonl")
     write(star_spec(), args.out_dir / "star.jsonl")
 
 

@@ -147,6 +147,15 @@ def test_eval_writes_results_and_contact_sheets(minilm_model_dir, tmp_path):
     # the settings the images were made with (the model's defaults filled in), and the time they took
     assert results["settings"]["num_inference_steps"] == 1 and results["settings"]["model"] == "tiny-random"
     assert "prompt" not in results["settings"] and results["seconds_per_image"] > 0
+    assert (results["settings"]["width"], results["settings"]["height"]) == (64, 64)  # the model's size
+
+    # --width/--height: every score can be taken at any size, and the report records it
+    r = fluxion("eval", "--model", minilm_model_dir, "--spec", spec, "--images-per-prompt", 1, "--steps", 1,
+                "--width", 96, "--height", 48, "--out", out)
+    results = json.loads((out / "results.json").read_text())
+    assert (results["settings"]["width"], results["settings"]["height"]) == (96, 48) and "96x48" in r.stdout
+    r = fluxion("eval", "--model", minilm_model_dir, "--spec", spec, "--width", 100, "--out", out, check=False)
+    assert r.returncode != 0 and "width" in r.stderr and "100" in r.stderr
 
 
 def test_random_stand_in_is_labelled_and_deterministic(tmp_path):

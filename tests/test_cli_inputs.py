@@ -223,7 +223,7 @@ def cli_device_check(device):
     (["eval", "--model", "tiny-schnell", "--steps", "0"], "num_inference_steps (--steps)"),
     (["eval", "--model", "tiny-schnell", "--seed", "-1"], "seed (--seed)"),
     (["eval", "--model", "tiny-schnell", "--spec", "no-such.jsonl"], "--spec: no such file no-such.jsonl"),
-    (["train", "recipes/tiny-dev.toml", "--max-steps", "0"], "max_steps (--max-steps)"),
+    (["train", "recipes/tiny-vae.toml", "--max-steps", "0"], "max_steps (--max-steps)"),
     (["train", "no-such.toml"], "no such recipe no-such.toml"),
 ])
 def test_eval_and_train_refuse_bad_numbers_before_loading(args, words):

@@ -69,6 +69,7 @@ def _script(name: str):
 def test_spec_is_generated_deterministically_and_covers_all_tags():
     make_spec = _script("make_spec")
     assert make_spec.build_spec() == SPEC_ENTRIES == make_spec.build_spec()
+    assert make_spec.heldout_phrasings(SPEC_ENTRIES) == load_spec(ROOT / "evals" / "shapes-phrasings.jsonl")
     assert len(SPEC_ENTRIES) >= 100 and {e["tag"] for e in SPEC_ENTRIES} == set(TAGS)
     assert len({e["prompt"] for e in SPEC_ENTRIES}) == len(SPEC_ENTRIES)
     held = {e["tag"] for e in SPEC_ENTRIES if is_held_out_entry(e)}

@@ -11,10 +11,11 @@ import torch
 
 from fluxion import sampling
 from fluxion.checkpoints import params_metadata, save_state_dict
-from fluxion.errors import ModelNotFoundError
+from fluxion.errors import ModelFolderError, ModelNotFoundError
 from fluxion.model import AUTOENCODER_PRESETS, TRANSFORMER_PRESETS, AutoEncoder, Flux
 from fluxion.pipeline import Pipeline
 from fluxion.registry import resolve
+from fluxion.settings import ShiftSchedule
 from pipeline_fixtures import random_weights, save_diffusers_flux
 from text_fixtures import tiny_text_encoders  # noqa: F401  (session fixture)
 
@@ -69,6 +70,15 @@ def test_manifest_folder(tmp_path):
     assert not files.text_positions  # manifests before text_positions: FLUX's text ids, all at 0
     (tmp_path / "fluxion.json").write_text(json.dumps(manifest | {"text_positions": True}))
     assert resolve(str(tmp_path)).text_positions
+    # the resolution shift's token range: FLUX.1's unless the manifest gives the model's own
+    assert files.shift_schedule == ShiftSchedule(256, 4096)
+    (tmp_path / "fluxion.json").write_text(json.dumps(manifest | {"schedule": {"base_seq_len": 16,
+                                                                                 "max_seq_len": 64}}))
+    assert resolve(str(tmp_path)).shift_schedule == ShiftSchedule(16, 64, 0.5, 1.15)
+    for bad in ({"base_seq_len": 64, "max_seq_len": 16}, {"base_len": 16}):
+        (tmp_path / "fluxion.json").write_text(json.dumps(manifest | {"schedule": bad}))
+        with pytest.raises(ModelFolderError, match="'schedule'"):
+            resolve(str(tmp_path))
 
 
 def test_missing_model_says_where_it_looked(tmp_path, monkeypatch):

@@ -23,6 +23,24 @@ def test_schedule_matches_diffusers_dynamic_shift(steps, seq_len):
     np.testing.assert_allclose(ours, scheduler.sigmas.double().numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("seq_len", [16, 36, 64])
+def test_a_models_own_token_range_matches_diffusers_scheduler_config(seq_len):
+    """A model trained at 64-128 px spans 16-64 tokens: diffusers' base/max_image_seq_len, same formula."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    schedule = sampling.ShiftSchedule(base_seq_len=16, max_seq_len=64)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
+                                                max_image_seq_len=64)
+    mu = calculate_shift(seq_len, 16, 64, 0.5, 1.15)
+    assert sampling.schedule_mu(seq_len, schedule) == pytest.approx(mu)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 4, 4), mu=mu)
+    np.testing.assert_allclose(sampling.get_schedule(4, seq_len, schedule=schedule),
+                               scheduler.sigmas.double().numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="base_seq_len < max_seq_len"):
+        sampling.ShiftSchedule(base_seq_len=64, max_seq_len=16)
+
+
 def test_schnell_schedule_is_unshifted_linspace():
     assert sampling.get_schedule(4, 4096, shift=False) == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
 

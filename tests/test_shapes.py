@@ -219,6 +219,20 @@ def _check_caption(scene, text):
             assert m.group(1) == obj.color, text
 
 
+def test_every_bucket_from_64_to_128_lays_out_every_scene():
+    """The sizes recipes' buckets, including aspect ratios where four large objects only fit shrunk."""
+    for bucket in ((64, 64), (96, 96), (128, 128), (64, 128), (128, 64), (80, 112), (112, 80), (96, 128), (128, 96),
+                   (64, 96)):
+        rng = np.random.default_rng(bucket)
+        for _ in range(300):
+            scene = sample_scene(rng, bucket, p_relation=0.5, layout="halves")
+            for o in scene.objects:
+                x0, y0, x1, y1 = o.bbox
+                assert 0 <= x0 and 0 <= y0 and x1 <= scene.width and y1 <= scene.height, (bucket, scene)
+        for count in range(1, 5):  # the grid's fallback: the extent shrunk to fill its cell exactly
+            group_scene(np.random.default_rng(count), bucket, "circle", "red", count, "large", "white")
+
+
 def test_captions_describe_what_is_drawn():
     rng = np.random.default_rng(0)
     styles_seen = set()

@@ -21,10 +21,11 @@ from fluxion.model import Flux, FluxParams
 from fluxion.pipeline import Pipeline
 from fluxion.registry import resolve
 from fluxion.sampling import get_schedule
-from fluxion.training import ConfigError, TrainingDiverged, load_config, objectives, run
+from fluxion.training import (ConfigError, TrainingDiverged, load_config, load_stages, objectives, parse_stages, run,
+                              run_recipe)
 from fluxion.training.batches import BatchStream, FeatureCache, cache_key
 from fluxion.training.checkpoint import CHECKPOINT, STATE_KEY
-from fluxion.training.config import OptimConfig
+from fluxion.training.config import OptimConfig, toml_text
 from fluxion.training.ema import EMA
 from fluxion.training.export import export_model
 from fluxion.training.loop import learning_rate
@@ -37,27 +38,8 @@ QUIET_LOG = {"log_every": 1, "plot_every": 1000, "sample_every": 0, "checkpoint_
 
 
 # -- writing recipes ------------------------------------------------------------------------------------------------
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(v)
-
-
 def write_recipe(path: Path, sections: dict) -> Path:
-    lines = []
-    for name, table in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
+    path.write_text(toml_text(sections))
     return path
 
 
@@ -341,15 +323,122 @@ def test_transformer_stage_configs_require_their_inputs(tmp_path):
 
 def test_shipped_recipes_parse_and_fit_the_size_budget():
     recipes = Path(__file__).parent.parent / "recipes"
-    stages, experiments = sorted(recipes.glob("*.toml")), sorted((recipes / "experiments").glob("*.toml"))
-    assert {"tiny-vae", "tiny-pro", "tiny-dev", "tiny-schnell"} <= {p.stem for p in stages} and experiments
-    for path in stages + experiments:
-        cfg = load_config(path)
-        assert cfg.run.name == path.stem or path in experiments or cfg.run.stage == "lora"
-        assert not (path in experiments and cfg.export.dir), f"{path} would export over a shipped model"
-        if not cfg.is_vae and cfg.run.stage != "lora":
-            params = sum(p.numel() for p in Flux(cfg.model_params()).parameters())
-            assert params * 2 <= 25e6 - 6.5e6  # bf16 transformer beside the bf16 tiny VAE (3.0M parameters)
+    current, history = sorted(recipes.glob("*.toml")), sorted((recipes / "history").glob("*.toml"))
+    # at most three recipes per model: the VAE's, the teacher chain then the sizes for tiny-pro (tiny-dev and
+    # tiny-schnell have one each), the past in history/
+    assert {p.stem for p in current} == {"tiny-vae", "tiny-pro-teacher", "tiny-pro-sizes", "tiny-dev", "tiny-schnell",
+                                         "lora-star"} and history
+    for path in current + history:
+        for cfg in load_stages(path):
+            shipped = Path(cfg.export.dir).parent == Path("src/fluxion/models")
+            assert not (shipped and path in history), f"{cfg.source} would export over a shipped model"
+            assert not shipped or Path(cfg.export.dir).name == cfg.run.name  # the manifest's name is the model's
+            if not cfg.is_vae and cfg.run.stage != "lora":
+                params = sum(p.numel() for p in Flux(cfg.model_params()).parameters())
+                assert params * 2 <= 25e6 - 6.5e6  # bf16 transformer beside the bf16 tiny VAE (3.0M parameters)
+
+
+def test_the_teacher_chain_holds_the_stages_it_replaced():
+    recipes = Path(__file__).parent.parent / "recipes"
+    stages = load_stages(recipes / "tiny-pro-teacher.toml")
+    for cfg in stages[:-1]:  # each as its own recipe ran it, every setting
+        assert cfg.to_dict() == load_config(recipes / "history" / f"{cfg.run.name}.toml").to_dict(), cfg.source
+    last, old = stages[-1].to_dict(), load_config(recipes / "history" / "tiny-pro.toml").to_dict()
+    # the last ran as "tiny-pro" into the shipped folder; it now feeds recipes/tiny-pro-sizes.toml instead
+    assert last["export"].pop("dir") == "weights/tiny-pro-previous" and old["export"].pop("dir") == ""
+    assert (last["run"].pop("name"), last["run"].pop("out_dir")) == ("tiny-pro-previous", "runs/tiny-pro-previous")
+    assert (old["run"].pop("name"), old["run"].pop("out_dir")) == ("tiny-pro", "runs/tiny-pro")
+    assert last == old
+    for before, after in zip(stages, stages[1:]):
+        assert after.model.init_from == f"{before.run.out_dir}/model/transformer.safetensors"
+    sizes = load_config(recipes / "tiny-pro-sizes.toml")
+    assert sizes.model.init_from == "weights/tiny-pro-previous/transformer.safetensors"
+    # the family's last recipes share the teacher's scenes, sizes, captions and shift, and chain to it
+    dev, schnell = load_config(recipes / "tiny-dev.toml"), load_config(recipes / "tiny-schnell.toml")
+    assert dev.to_dict()["data"] == schnell.to_dict()["data"] == sizes.to_dict()["data"]
+    assert dev.model.shift_schedule == schnell.model.shift_schedule == sizes.model.shift_schedule
+    assert dev.objective.teacher == dev.model.init_from == f"{sizes.run.out_dir}/model/transformer.safetensors"
+    assert schnell.objective.teacher == schnell.model.init_from == f"{dev.run.out_dir}/model/transformer.safetensors"
+
+
+# -- recipes with stages --------------------------------------------------------------------------------------------
+def staged_recipe(root: Path, ae: Path, names=("a", "b")) -> dict:
+    """Two flow stages sharing a tiny recipe; the second starts from the first's model at a lower rate."""
+    shared = flux_recipe(root, ae, "unused", "flow", "pro", steps=2)
+    del shared["run"]["name"], shared["run"]["out_dir"]
+    first, second = ({"run": {"name": n, "out_dir": str(root / n)}} for n in names)
+    second |= {"model": {"init_from": str(root / names[0] / "model" / "transformer.safetensors")},
+               "optim": {"lr": 1e-4}, "run": {**second["run"], "steps": 3}}
+    return {**shared, "stages": [first, second]}
+
+
+def test_stages_merge_over_the_shared_tables(tmp_path):
+    recipe = staged_recipe(tmp_path, tmp_path / "ae.safetensors")
+    recipe["stages"][1]["model"]["params"] = {"depth": 1}  # one nested key: the other params stay
+    a, b = parse_stages(recipe, "r.toml")
+    assert (a.source, b.source) == ("r.toml#a", "r.toml#b")
+    assert (a.optim.lr, b.optim.lr, a.optim.warmup_steps, b.optim.warmup_steps) == (1e-3, 1e-4, 1, 1)
+    assert (a.run.steps, b.run.steps, b.run.batch_size) == (2, 3, 4)
+    assert (a.model_params().depth, b.model_params().depth) == (2, 1)
+    assert b.model.params == {**TINY_FLUX, "guidance_embed": False, "depth": 1}
+    assert b.model.text_positions and b.model.init_from.endswith("transformer.safetensors") and not a.model.init_from
+    path = write_recipe(tmp_path / "r.toml", recipe)
+    assert [c.to_dict() for c in load_stages(path)] == [a.to_dict(), b.to_dict()]
+    with pytest.raises(ConfigError, match=r"holds \[\[stages\]\].*load_stages"):
+        load_config(path)
+    assert [c.run.name for c in load_stages(write_recipe(tmp_path / "one.toml", vae_recipe(tmp_path)))] == ["vae"]
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda r: r["stages"][1]["run"].pop("name"), "stages[1].run.name is required"),
+    (lambda r: r["stages"][1]["run"].update(name="a"), "stages[1].run.name 'a' is also stages[0]'s"),
+    (lambda r: r["stages"][1]["run"].update(out_dir=r["stages"][0]["run"]["out_dir"] + "/"), "stages[1].run.out_dir"),
+    (lambda r: r["stages"][1].update(optim={"lr": -1.0}), "r.toml#b: key optim.lr"),
+    (lambda r: r.update(stages=[]), "stages must be an array of tables"),
+])
+def test_stage_errors_name_the_stage_and_key(tmp_path, edit, words):
+    recipe = staged_recipe(tmp_path, tmp_path / "ae.safetensors")
+    recipe["run"]["name"] = "shared"  # a shared name does not name a stage
+    edit(recipe)
+    with pytest.raises(ConfigError) as e:
+        parse_stages(recipe, "r.toml")
+    assert words in str(e.value)
+
+
+def test_a_staged_recipe_runs_its_stages_in_order_and_skips_finished_ones(root, ae_path, monkeypatch, capsys):
+    from fluxion.cli import main
+    from fluxion.training import loop
+
+    path = write_recipe(root / "staged.toml", staged_recipe(root, ae_path, ("st-a", "st-b")))
+    with pytest.raises(ConfigError, match="out_dir"):
+        run_recipe(path, out_dir=root / "elsewhere")
+    with pytest.raises(ConfigError, match="no stage named 'c'; its stages are st-a, st-b"):
+        run_recipe(path, stage="c")
+    # --max-steps stops each stage there: the first stops short, and the second, which starts from it, waits
+    assert run_recipe(path, max_steps=1) == [root / "st-a"]
+    assert checkpoint_state(root / "st-a")[1]["step"] == 1 and not (root / "st-b").exists()
+    assert run_recipe(path) == [root / "st-a", root / "st-b"]
+    assert checkpoint_state(root / "st-b")[1]["step"] == 3
+    b = load_stages(path)[1]
+    manifest = json.loads((root / "st-b" / "model" / "fluxion.json").read_text())
+    assert manifest["name"] == "st-b" and manifest["training"]["recipe"] == f"{path}#st-b"
+    # the stage's run folder holds its merged config, a one-run recipe that reads back the same
+    assert load_config(root / "st-b" / "config.toml").to_dict() == b.to_dict()
+    # the second stage started from the first one's model
+    assert checkpoint_state(root / "st-b")[1]["config"]["model"]["init_from"] == b.model.init_from
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished stage was trained again")
+
+    monkeypatch.setattr(loop, "run", no_training)
+    assert run_recipe(path) == [root / "st-a", root / "st-b"]
+    assert run_recipe(path, stage="st-b") == [root / "st-b"]
+    with pytest.raises(AssertionError, match="trained again"):
+        run_recipe(path, stage="st-b", resume=False)
+    assert main(["train", str(path), "--stage", "st-b"]) == 0
+    assert capsys.readouterr().out == f"run folder: {root / 'st-b'}\n"
+    assert main(["train", str(path), "--out-dir", str(root / "elsewhere")]) == 2
+    assert "out_dir (--out-dir) is for one-run recipes" in capsys.readouterr().err
 
 
 # -- objectives -----------------------------------------------------------------------------------------------------

@@ -351,12 +351,17 @@ def cmd_eval(args) -> None:
         raise InputError(f"--spec: no such file {args.spec}")
     check_options(args.quantize, args.offload)
     pipe = load_pipeline(args, args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    size = pipe.defaults.size
+    height, width = args.height or size, args.width or size
+    pipe.check_size(height, width, args.allow_any_size)  # before any image is made
 
     def generate(prompts, seeds):
         return pipe(prompts, seed=seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                    true_cfg_scale=args.true_cfg, cache=args.cache)
+                    true_cfg_scale=args.true_cfg, cache=args.cache, height=height, width=width,
+                    allow_any_size=args.allow_any_size)
 
     results = run_eval(generate, args.spec, images_per_prompt, args.out, seed=seed)
+    print(f"{args.model} at {width}x{height} (width x height), spec {args.spec}, seed {seed}")
     print(format_table(results))
     print(f"generation: {1000 * results['seconds_per_image']:.1f} ms per image, in batches of "
           f"{images_per_prompt}; report: {args.out}/results.json and contact sheets")
@@ -422,13 +427,14 @@ def cmd_lora(args) -> None:
 
 def cmd_train(args) -> None:
     from .settings import integer
-    from .training import run
+    from .training import run_recipe
 
     max_steps = None if args.max_steps is None else integer("max_steps", args.max_steps, 1, 10**9)
     if not args.config.is_file():
         raise InputError(f"config: no such recipe {args.config}")
-    out = run(args.config, resume=not args.no_resume, max_steps=max_steps, out_dir=args.out_dir)
-    print(f"run folder: {out}")
+    for out in run_recipe(args.config, stage=args.stage, resume=not args.no_resume, max_steps=max_steps,
+                          out_dir=args.out_dir):
+        print(f"run folder: {out}")
 
 
 def _serve_parser(sub) -> None:
@@ -529,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float)
     p.add_argument("--true-cfg", type=float)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, help="image width (default: the model's size)")
+    p.add_argument("--height", type=int, help="image height (default: the model's size)")
+    p.add_argument("--allow-any-size", action="store_true", help="also sizes outside the model's supported range")
     p.add_argument("--device")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"])
     _lora_flag(p)
@@ -557,12 +566,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--to", choices=["peft", "kohya", "comfy"], required=True)
     q.add_argument("--model", help="the model it applies to (default: the base model its header names)")
 
-    p = sub.add_parser("train", help="train a model from a TOML recipe (resumes by default)")
+    p = sub.add_parser("train", help="train a model from a TOML recipe (resumes by default; a recipe's [[stages]] "
+                                      "run in order, those finished earlier skipped)")
     p.add_argument("config", type=Path)
-    p.add_argument("--no-resume", action="store_true")
-    p.add_argument("--max-steps", type=int)
+    p.add_argument("--stage", help="run only this stage (its run.name) of a recipe with [[stages]]")
+    p.add_argument("--no-resume", action="store_true", help="start over (every stage, finished or not)")
+    p.add_argument("--max-steps", type=int, help="stop each run at this step (resume later)")
     p.add_argument("--out-dir", type=Path, help="put the run (and its model or adapter) here instead of the "
-                                                "recipe's run.out_dir; the recipe's export.dir is then skipped")
+                                                "recipe's run.out_dir; the recipe's export.dir is then skipped "
+                                                "(one-run recipes only)")
     _serve_parser(sub)
     return parser
 

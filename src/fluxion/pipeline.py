@@ -103,6 +103,7 @@ class Pipeline:
     def __init__(self, transformer: Flux, autoencoder: AutoEncoder, text_encoder, *, variant: str | None = None,
                  name: str = "custom", defaults: dict | None = None, text_positions: bool = False,
                  sizes: SizeRange | None = None, teacache_polynomial: tuple[float, ...] | None = None,
+                 shift_schedule: sampling.ShiftSchedule = sampling.FLUX_SHIFT,
                  quantize: str | None = None, offload: str | None = None, compile: bool = False,
                  vae_slicing: bool = False, device=None, dtype=None):
         """quantize: "int8", "int8-weight", "fp8" or "int4" (fluxion.quant), the transformer's linears in place.
@@ -143,6 +144,7 @@ class Pipeline:
         self.text_positions = text_positions  # number the prompt's tokens in RoPE (sampling.text_ids)
         self.lora_files: dict[str, tuple[str, str]] = {}  # loaded adapter -> (file name, sha256), for the record
         self.teacache_polynomial = teacache_polynomial  # fitted for this model (cache.fit_teacache); None: identity
+        self.shift_schedule = shift_schedule  # the token range of the resolution shift (sampling.ShiftSchedule)
         self.last_cache = None
 
     @classmethod
@@ -186,7 +188,8 @@ class Pipeline:
         text_encoder = load_text_encoder(files, variant=variant, dtype=dtype, device=load_to)
         return cls(transformer, autoencoder, text_encoder, variant=variant, name=files.name,
                    defaults=files.defaults, text_positions=files.text_positions, sizes=files.sizes,
-                   teacache_polynomial=files.teacache_polynomial, device=device, dtype=dtype, **options)
+                   teacache_polynomial=files.teacache_polynomial, shift_schedule=files.shift_schedule,
+                   device=device, dtype=dtype, **options)
 
     # -- speed and memory options (fluxion.quant, fluxion.offload, fluxion.compile) -----------------------------
     def _models(self) -> dict[str, torch.nn.Module]:
@@ -510,7 +513,8 @@ class Pipeline:
         if r.sigmas is not None:
             timesteps = list(r.sigmas) + [0.0]
         else:
-            timesteps = sampling.get_schedule(job.steps, img.shape[1], shift=self.defaults.shift)
+            timesteps = sampling.get_schedule(job.steps, img.shape[1], shift=self.defaults.shift,
+                                              schedule=self.shift_schedule)
 
         inpainting = None
         if r.image is not None:

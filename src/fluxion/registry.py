@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError, ModelFolderError, ModelNotFoundError
-from .settings import FLUX1_SIZES, VARIANT_NAMES, SizeRange
+from .settings import FLUX1_SIZES, FLUX_SHIFT, VARIANT_NAMES, ShiftSchedule, SizeRange
 
 BUILTIN_MODELS = Path(__file__).parent / "models"
 BUILTIN_LORAS = Path(__file__).parent / "loras"
@@ -41,6 +41,7 @@ class ModelFiles:
     defaults: dict = field(default_factory=dict)
     sizes: SizeRange | None = None  # the sizes it supports; None: any (fluxion manifests without `sizes`)
     teacache_polynomial: tuple[float, ...] | None = None  # fitted by cache.fit_teacache (manifest "teacache")
+    shift_schedule: ShiftSchedule = FLUX_SHIFT  # the resolution shift's token range (manifest "schedule")
 
 
 def search_paths(name: str) -> list[Path]:
@@ -138,6 +139,12 @@ def _from_manifest(root: Path, name: str) -> ModelFiles:
         _manifest_field(m, key, str, path)
     _manifest_field(m, "text_length", int, path)
     _manifest_field(m, "defaults", dict, path)
+    schedule = _manifest_field(m, "schedule", dict, path)
+    try:
+        shift_schedule = FLUX_SHIFT if schedule is None else ShiftSchedule(**schedule)
+    except (TypeError, ValueError) as e:
+        raise ModelFolderError(f"{path}: 'schedule': {e} (fields: {', '.join(ShiftSchedule.__dataclass_fields__)})") \
+            from None
     polynomial = _manifest_field(m, "teacache", list, path)
     numbers = polynomial and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in polynomial)
     if polynomial is not None and not numbers:
@@ -158,6 +165,7 @@ def _from_manifest(root: Path, name: str) -> ModelFiles:
         text_encoder=m.get("text_encoder", "minilm"), text_length=m.get("text_length"),
         text_positions=bool(m.get("text_positions", False)), variant=m.get("variant"), defaults=m.get("defaults", {}),
         sizes=sizes, teacache_polynomial=None if polynomial is None else tuple(map(float, polynomial)),
+        shift_schedule=shift_schedule,
     )
     if files.text_encoder == "t5+clip":
         _add_t5_clip(files, root)

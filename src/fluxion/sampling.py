@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .model.transformer import Flux
+from .settings import FLUX_SHIFT, ShiftSchedule
 
 LATENT_CHANNELS = 16
 
@@ -61,21 +62,21 @@ def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
     return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
 
 
-def schedule_mu(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15,
-                x1: int = 256, x2: int = 4096) -> float:
-    """The shift grows linearly with the number of image tokens: 0.5 at 256 tokens, 1.15 at 4096."""
-    slope = (max_shift - base_shift) / (x2 - x1)
-    return base_shift + slope * (image_seq_len - x1)
+def schedule_mu(image_seq_len: int, schedule: ShiftSchedule = FLUX_SHIFT) -> float:
+    """The shift for this many image tokens: 0.5 at 256 tokens, 1.15 at 4096 (FLUX.1's schedule)."""
+    s = schedule
+    slope = (s.max_shift - s.base_shift) / (s.max_seq_len - s.base_seq_len)
+    return s.base_shift + slope * (image_seq_len - s.base_seq_len)
 
 
 def get_schedule(num_steps: int, image_seq_len: int, *, shift: bool = True,
-                 base_shift: float = 0.5, max_shift: float = 1.15) -> list[float]:
+                 schedule: ShiftSchedule = FLUX_SHIFT) -> list[float]:
     """Times from 1 (noise) to 0 (image): linspace(1, 0, N+1), shifted towards noise for larger images."""
     if num_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_steps}")
     timesteps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
     if shift:
-        mu = schedule_mu(image_seq_len, base_shift, max_shift)
+        mu = schedule_mu(image_seq_len, schedule)
         inner = timesteps[:-1]
         timesteps = torch.cat([time_shift(mu, 1.0, inner), timesteps[-1:]])
     return timesteps.tolist()

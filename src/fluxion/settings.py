@@ -201,6 +201,26 @@ def memory_budget(name: str, value) -> int | None:
 
 
 @dataclass(frozen=True)
+class ShiftSchedule:
+    """FLUX's resolution-dependent shift: mu grows linearly with the number of image tokens, from `base_shift` at
+    `base_seq_len` to `max_shift` at `max_seq_len` (diffusers' scheduler config names them base_image_seq_len,
+    max_image_seq_len). FLUX.1 spans 256-4096 tokens (256-1024 px); a model trained on other sizes spans its own."""
+
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+
+    def __post_init__(self):
+        if not 0 < self.base_seq_len < self.max_seq_len:
+            raise ValueError(f"shift schedule needs 0 < base_seq_len < max_seq_len, got {self.base_seq_len}, "
+                             f"{self.max_seq_len}")
+
+
+FLUX_SHIFT = ShiftSchedule()
+
+
+@dataclass(frozen=True)
 class SizeRange:
     """The image sizes a model supports: each side in [min_side, max_side], at most max_pixels in all."""
 

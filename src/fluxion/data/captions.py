@@ -1,13 +1,15 @@
-"""Captions for shapes-world scenes: a small template grammar, enumerable so prompts can be checked against it."""
+"""Captions for shapes-world scenes: a small template grammar, enumerable so prompts can be checked against it,
+and the wordings that vary it (frames, articles, numerals, word orders, relation phrases), some kept out of
+training so that following the meaning rather than the template can be measured."""
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
 from fluxion.data.shapes import INVERSE_RELATION, Scene, ShapeObject
 
-NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 PREFIXES = ("", "a photo of ")
 # Relation scenes are described with their relation as drawn, its mirror image ("b right of a"), or
 # as a plain pair in either order, which is how GenEval phrases its two_object prompts.
@@ -19,58 +21,146 @@ P_PHOTO, P_COLOR, P_SIZE, P_BACKGROUND = 0.5, 0.7, 0.3, 0.3
 
 
 @dataclass(frozen=True)
+class Wording:
+    """The words of one caption. The defaults are the grammar of the GenEval-style spec (evals/shapes.jsonl);
+    WORDINGS lists the alternatives of each field, trained and held out."""
+
+    frame: str = "{}"                  # the whole caption: "a photo of {}"
+    one: str = "a"                     # a single object's article; "a" becomes "an" before a vowel
+    count: str = "{word}"              # several objects: "{word}" (three) or "{digit}" (3)
+    color: str = "{color} {noun}"      # where a colour goes: "{noun} in {color}"
+    small: str = "small"
+    large: str = "large"
+    left: str = "left of"
+    right: str = "right of"
+    above: str = "above"
+    below: str = "below"
+    clause: str = "{a} {relation} {b}"  # a relation scene: "{a} is {relation} {b}"
+    pair: str = "{a} and {b}"           # a pair named without its relation
+    background: str = "on a {} background"
+    end: str = ""                       # "." or nothing
+
+    def relation(self, relation: str) -> str:
+        return {"left of": self.left, "right of": self.right, "above": self.above, "below": self.below}[relation]
+
+
+# field -> (trained wordings, held-out wordings). The first trained wording is the default (the spec's).
+# Held-out wordings never appear in training captions; evals/shapes-phrasings.jsonl is the spec in them.
+WORDINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "frame": (("{}", "a photo of {}", "an image of {}", "a picture of {}", "a drawing of {}",
+               "an illustration of {}", "{} in the picture"), ("a rendering of {}", "a scene showing {}")),
+    "one": (("a", "one"), ("a single",)),
+    "count": (("{word}", "{digit}"), ("exactly {word}",)),
+    "color": (("{color} {noun}", "{noun} in {color}"), ("{noun} coloured {color}",)),
+    "small": (("small", "little"), ("tiny",)),
+    "large": (("large", "big"), ("huge",)),
+    "left": (("left of", "to the left of", "on the left of"), ("on the left side of",)),
+    "right": (("right of", "to the right of", "on the right of"), ("on the right side of",)),
+    "above": (("above", "on top of", "higher than"), ("over",)),
+    "below": (("below", "beneath", "lower than"), ("under",)),
+    "clause": (("{a} {relation} {b}", "{a} is {relation} {b}"), ("{a} sits {relation} {b}",)),
+    "pair": (("{a} and {b}", "{a} plus {b}"), ("both {a} and {b}",)),
+    "background": (("on a {} background", "on {}", "against a {} background"), ("with a {} background",)),
+    "end": (("", "."), ()),
+}
+P_DEFAULT_WORDING = 0.4  # each field keeps the spec's wording this often, so the spec's phrasing stays common
+
+
+def draw_wording(rng: np.random.Generator) -> Wording:
+    """A random trained wording, field by field."""
+    choices = {}
+    for f in fields(Wording):
+        trained = WORDINGS[f.name][0]
+        u = rng.random()
+        k = 0 if u < P_DEFAULT_WORDING or len(trained) == 1 else \
+            1 + min(int((u - P_DEFAULT_WORDING) / (1 - P_DEFAULT_WORDING) * (len(trained) - 1)), len(trained) - 2)
+        choices[f.name] = trained[k]
+    return _sentence_unframed(Wording(**choices))
+
+
+def _sentence_unframed(wording: Wording) -> Wording:
+    """A clause that is a sentence ("a circle is left of a square") is not put in a frame ("a photo of ...")."""
+    if wording.clause != Wording.clause and wording.frame != Wording.frame:
+        return replace(wording, clause=Wording.clause)
+    return wording
+
+
+def held_out_wording(rng: np.random.Generator, used: tuple[str, ...], p: float = 0.5) -> Wording:
+    """A wording with held-out words in some of the `used` fields (each with probability `p`, at least one),
+    trained defaults elsewhere."""
+    candidates = [name for name in used if WORDINGS[name][1]]
+    chosen = [name for name in candidates if rng.random() < p] or [candidates[rng.integers(len(candidates))]]
+    if "clause" in chosen and "frame" in chosen:  # a sentence is not framed (_sentence_unframed)
+        chosen.remove("frame")
+    return replace(Wording(), **{name: WORDINGS[name][1][rng.integers(len(WORDINGS[name][1]))] for name in chosen})
+
+
+@dataclass(frozen=True)
 class CaptionStyle:
     prefix: str = ""
     color: bool = True
     size: bool = False
     background: bool = False
     form: str = "relation"   # used by relation scenes only
+    wording: Wording = Wording()
 
 
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def noun_phrase(shape: str, count: int = 1, color: str | None = None, size: str | None = None) -> str:
-    """'a small red circle', 'two blue squares', 'an orange triangle'."""
-    words = [w for w in (size, color) if w] + [shape if count == 1 else shape + "s"]
-    return " ".join([_article(words[0]) if count == 1 else NUMBER_WORDS[count]] + words)
+def noun_phrase(shape: str, count: int = 1, color: str | None = None, size: str | None = None,
+                wording: Wording = Wording()) -> str:
+    """'a small red circle', 'two blue squares', 'an orange triangle' (or as `wording` phrases them)."""
+    noun = shape if count == 1 else shape + "s"
+    if color:
+        noun = wording.color.format(color=color, noun=noun)
+    if size:  # the size comes first: "a small red circle", "a small circle in red"
+        noun = f"{wording.small if size == 'small' else wording.large} {noun}"
+    if count > 1:
+        return f"{wording.count.format(word=NUMBER_WORDS[count], digit=count)} {noun}"
+    return f"{_article(noun) if wording.one == 'a' else wording.one} {noun}"
 
 
 def _object_phrase(obj: ShapeObject, style: CaptionStyle, count: int = 1) -> str:
-    return noun_phrase(obj.shape, count, obj.color if style.color else None, obj.size if style.size else None)
+    return noun_phrase(obj.shape, count, obj.color if style.color else None, obj.size if style.size else None,
+                       style.wording)
 
 
 def describe(scene: Scene, style: CaptionStyle) -> str:
     """The caption of `scene` in the given style."""
-    first = scene.objects[0]
+    first, w = scene.objects[0], style.wording
     if scene.relation is None:
         body = _object_phrase(first, style, len(scene.objects))
     else:
         a, b = (_object_phrase(o, style) for o in scene.objects)
-        body = {"relation": f"{a} {scene.relation} {b}",
-                "inverse": f"{b} {INVERSE_RELATION[scene.relation]} {a}",
-                "and": f"{a} and {b}",
-                "and_reversed": f"{b} and {a}"}[style.form]
-    suffix = f" on a {scene.background} background" if style.background else ""
-    return f"{style.prefix}{body}{suffix}"
+        relation, inverse = w.relation(scene.relation), w.relation(INVERSE_RELATION[scene.relation])
+        body = {"relation": w.clause.format(a=a, relation=relation, b=b),
+                "inverse": w.clause.format(a=b, relation=inverse, b=a),
+                "and": w.pair.format(a=a, b=b),
+                "and_reversed": w.pair.format(a=b, b=a)}[style.form]
+    suffix = " " + w.background.format(scene.background) if style.background else ""
+    return w.frame.format(f"{style.prefix}{body}{suffix}") + w.end
 
 
 def caption_styles(scene: Scene) -> list[CaptionStyle]:
-    """Every style `caption` can draw for this scene."""
+    """Every style `caption` can draw for this scene in the default wording."""
     forms = FORMS if scene.relation is not None else ("relation",)
     return [CaptionStyle(*opts) for opts in itertools.product(PREFIXES, (True, False), (True, False),
                                                               (True, False), forms)]
 
 
-def caption(scene: Scene, rng: np.random.Generator, reading_order: bool = False) -> str:
+def caption(scene: Scene, rng: np.random.Generator, reading_order: bool = False, varied: bool = False) -> str:
     """A random caption of `scene`; every caption names each object's shape and count and the relation
     (unless it uses the plain 'a and b' form), and any colour, size or background it names is the drawn one.
-    With `reading_order`, the plain form names the left (or upper) object first."""
+    With `reading_order`, the plain form names the left (or upper) object first. With `varied`, the words too
+    are drawn (draw_wording: frames, articles, numerals, word orders, relation phrases; never held-out ones)."""
     u = rng.random(5)
     form = FORMS[min(int(np.searchsorted(np.cumsum(FORM_WEIGHTS), u[4], side="right")), len(FORMS) - 1)]
     if reading_order and form in ("and", "and_reversed"):
         form = "and" if scene.relation in ("left of", "above") else "and_reversed"
     style = CaptionStyle(prefix=PREFIXES[int(u[0] < P_PHOTO)], color=bool(u[1] < P_COLOR),
                          size=bool(u[2] < P_SIZE), background=bool(u[3] < P_BACKGROUND), form=form)
+    if varied:  # the frame takes the place of the prefix
+        style = replace(style, prefix="", wording=draw_wording(rng))
     return describe(scene, style)

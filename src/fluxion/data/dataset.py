@@ -12,6 +12,8 @@ from fluxion.data.shapes import (ALL_SHAPES, BUCKETS, HELD_OUT_PAIRS, HELD_OUT_S
                                  check_layout, sample_scene)
 from fluxion.errors import InputError
 
+CAPTION_MODES = ("templates", "varied")
+
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """uint8 RGB image -> (3, H, W) float32 in [-1, 1]."""
@@ -25,12 +27,14 @@ class ShapesDataset:
     `layout` places pairs (shapes.LAYOUTS); with "halves", a caption naming a pair without its relation names
     it in reading order. With `teach` (a held-out shape, e.g. the star for a LoRA), the first `teach_images`
     items (default: all) each show that shape, drawn from `shapes`; the items after them are ordinary scenes of
-    the other shapes (DreamBooth's prior-preservation images). Held-out colour pairs stay out either way."""
+    the other shapes (DreamBooth's prior-preservation images). Held-out colour pairs stay out either way.
+    `captions` is "templates" (the spec's wording) or "varied" (captions.draw_wording: many phrasings, never the
+    held-out ones); `captions_per_image` captions are drawn per item (`captions(i)`), the first as `scene(i)`'s."""
 
     def __init__(self, seed: int = 0, length: int = 1_000_000, buckets: Sequence[tuple[int, int]] = BUCKETS, *,
                  allow_held_out: bool = False, shapes: tuple[str, ...] = TRAIN_SHAPES,
                  p_relation: float = P_RELATION, layout: str = "spread", teach: str | None = None,
-                 teach_images: int | None = None):
+                 teach_images: int | None = None, captions: str = "templates", captions_per_image: int = 1):
         if length < 1 or not buckets:
             raise InputError(f"ShapesDataset needs length >= 1 and at least one bucket, got length={length}, "
                              f"buckets={buckets}")
@@ -49,6 +53,11 @@ class ShapesDataset:
                              f"{tuple(shapes)}, got {teach!r}")
         if teach_images is not None and not (teach and 1 <= teach_images <= length):
             raise InputError(f"teach_images={teach_images} needs `teach` and must be in 1..length ({length})")
+        if captions not in CAPTION_MODES:
+            raise InputError(f"captions must be one of {CAPTION_MODES}, got {captions!r}")
+        if captions_per_image < 1:
+            raise InputError(f"captions_per_image must be >= 1, got {captions_per_image}")
+        self.caption_mode, self.captions_per_image = captions, captions_per_image
         self.teach = teach
         self.teach_images = length if teach_images is None else teach_images
         self.allow_held_out, self.shapes, self.p_relation, self.layout = allow_held_out, shapes, p_relation, layout
@@ -71,7 +80,17 @@ class ShapesDataset:
             if not teaching or (any(o.shape == self.teach for o in scene.objects) and
                                 not any((o.color, o.shape) in HELD_OUT_PAIRS for o in scene.objects)):
                 break
-        return scene, caption(scene, rng, reading_order=self.layout == "halves")
+        return scene, self._caption(scene, rng)
+
+    def _caption(self, scene: Scene, rng: np.random.Generator) -> str:
+        return caption(scene, rng, reading_order=self.layout == "halves", varied=self.caption_mode == "varied")
+
+    def captions(self, index: int) -> list[str]:
+        """The item's `captions_per_image` captions of one scene: scene(index)'s, then more drawn from
+        (seed, index, k)."""
+        scene, first = self.scene(index)
+        return [first] + [self._caption(scene, np.random.default_rng((self.seed, index, k)))
+                          for k in range(1, self.captions_per_image)]
 
     def image(self, index: int) -> tuple[Image.Image, str]:
         scene, text = self.scene(index)

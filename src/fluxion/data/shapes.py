@@ -131,9 +131,11 @@ def _grid_layout(rng: np.random.Generator, n: int, extent: float, height: int, w
     centers = []
     for cell in cells:
         r, c = divmod(int(cell), cols)
-        # Half a gap inside each cell edge keeps neighbours a full gap apart.
-        x = margin + c * cell_w + rng.uniform(gap / 2 + extent / 2, cell_w - gap / 2 - extent / 2)
-        y = margin + r * cell_h + rng.uniform(gap / 2 + extent / 2, cell_h - gap / 2 - extent / 2)
+        # Half a gap inside each cell edge keeps neighbours a full gap apart; max(): where the shrunk extent fills
+        # its cell exactly, rounding may put the range's end a hair below its start.
+        lo = gap / 2 + extent / 2
+        x = margin + c * cell_w + rng.uniform(lo, max(lo, cell_w - gap / 2 - extent / 2))
+        y = margin + r * cell_h + rng.uniform(lo, max(lo, cell_h - gap / 2 - extent / 2))
         centers.append((float(x), float(y)))
     return centers, extent
 

@@ -66,7 +66,7 @@ class FeatureCache:
     the MiniLM states of their captions, stored once per distinct caption (zero padding trimmed)."""
 
     latents: list[Tensor]  # per bucket b: (N_b, 16, h, w); item i is latents[i % K][i // K]
-    caption_ids: Tensor  # (N,) rows of txt/vec
+    caption_ids: Tensor  # (N,) or (N, C): rows of txt/vec, C captions per item
     txt: Tensor  # (U, L_used, D): token states up to the longest caption; the rest are zeros
     vec: Tensor  # (U, Dv)
     empty_txt: Tensor  # (1, L, D): the empty caption "" (dropped captions, the CFG negative)
@@ -76,14 +76,17 @@ class FeatureCache:
     def text_length(self) -> int:
         return self.empty_txt.shape[1]
 
-    def batch(self, indices: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-        """Items of one bucket -> latents (B, 16, h, w), txt (B, L, D), vec (B, Dv)."""
+    def batch(self, indices: list[int], epoch: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """Items of one bucket -> latents (B, 16, h, w), txt (B, L, D), vec (B, Dv). With C captions per item,
+        item i reads caption (epoch + i) % C, so every caption is read once in C epochs."""
         k = len(self.latents)
         buckets = {i % k for i in indices}
         if len(buckets) != 1:
             raise InputError(f"a batch must come from one bucket, got buckets {sorted(buckets)}")
         latents = self.latents[indices[0] % k][torch.tensor([i // k for i in indices])]
         rows = self.caption_ids[torch.tensor(indices)]
+        if rows.ndim == 2:
+            rows = rows[torch.arange(len(indices)), (epoch + torch.tensor(indices)) % rows.shape[1]]
         txt = torch.zeros(len(indices), self.text_length, self.txt.shape[-1], dtype=self.txt.dtype)
         txt[:, : self.txt.shape[1]] = self.txt[rows]
         return latents, txt, self.vec[rows]
@@ -110,7 +113,9 @@ def cache_key(autoencoder_path: Path, dataset: ShapesDataset, text_encoder) -> s
                          "text_dim": text_encoder.context_dim,
                          # only when not the default, so caches built before layouts existed stay valid
                          **({"layout": dataset.layout} if dataset.layout != "spread" else {}),
-                         **({"teach": dataset.teach, "teach_images": dataset.teach_images} if dataset.teach else {})},
+                         **({"teach": dataset.teach, "teach_images": dataset.teach_images} if dataset.teach else {}),
+                         **({"captions": dataset.caption_mode, "captions_per_image": dataset.captions_per_image}
+                            if (dataset.caption_mode, dataset.captions_per_image) != ("templates", 1) else {})},
                         sort_keys=True).encode())
     return h.hexdigest()
 
@@ -120,34 +125,38 @@ def build_feature_cache(dataset: ShapesDataset, autoencoder: AutoEncoder, text_e
                         progress: bool = True) -> FeatureCache:
     """Render and encode every dataset item in fixed batches (the result does not depend on how training later
     batches them) and encode each distinct caption once."""
-    n = len(dataset)
-    latents, captions = [], [""] * n
+    n, per_item = len(dataset), dataset.captions_per_image
+    latents, captions = [], [[""]] * n
     bar = tqdm(total=n, desc="encoding images", disable=not progress, leave=False)
     for group in bucket_indices(dataset, n):
         parts = []
         for start in range(0, len(group), ENCODE_BATCH):
             chunk = group[start:start + ENCODE_BATCH]
-            x, texts = collate([dataset[i] for i in chunk])
+            x, _ = collate([dataset[i] for i in chunk])
             parts.append(autoencoder.encode(x.to(device, torch.float32)).float().cpu())
-            for i, text in zip(chunk, texts):
-                captions[i] = text
+            for i in chunk:
+                captions[i] = dataset.captions(i) if per_item > 1 else [dataset.scene(i)[1]]
             bar.update(len(chunk))
         latents.append(torch.cat(parts))
     bar.close()
 
-    distinct = sorted(set(captions))
+    distinct = sorted({c for item in captions for c in item})
     row = {c: r for r, c in enumerate(distinct)}
+    # In batches (encode_uncached where the encoder has it: its per-prompt cache and one-by-one runs are for
+    # serving); a caption's states then differ from a lone run's by float rounding only.
+    encode = getattr(text_encoder, "encode_uncached", text_encoder.encode)
     txt, vec = [], []
     for start in tqdm(range(0, len(distinct), ENCODE_BATCH), desc="encoding captions", disable=not progress,
                       leave=False):
-        t, v = text_encoder.encode(distinct[start:start + ENCODE_BATCH])
+        t, v = encode(distinct[start:start + ENCODE_BATCH])
         txt.append(t.float().cpu())
         vec.append(v.float().cpu())
     txt = torch.cat(txt)
     nonzero = txt.abs().amax(dim=(0, 2)) > 0  # (L,): positions any caption uses
     used = int(nonzero.nonzero().max()) + 1 if nonzero.any() else 1
     empty_txt, empty_vec = text_encoder.encode([""])
-    return FeatureCache(latents, torch.tensor([row[c] for c in captions]), txt[:, :used].contiguous(),
+    ids = torch.tensor([[row[c] for c in item] for item in captions])
+    return FeatureCache(latents, ids[:, 0] if per_item == 1 else ids, txt[:, :used].contiguous(),
                         torch.cat(vec), empty_txt.float().cpu(), empty_vec.float().cpu())
 
 

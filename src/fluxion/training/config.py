@@ -1,16 +1,20 @@
 """Training recipes: TOML files parsed into dataclasses, with errors that name the file and the offending key."""
 
+import copy
 import dataclasses
+import json
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.dataset import CAPTION_MODES
 from ..data.shapes import ALL_SHAPES, BUCKETS, HELD_OUT_SHAPES, LAYOUTS, P_RELATION, TRAIN_SHAPES
 from ..errors import InputError
 from ..model.configs import AUTOENCODER_PRESETS, TRANSFORMER_PRESETS, AutoEncoderParams, FluxParams
 from ..pipeline import VARIANTS, VariantDefaults
+from ..settings import ShiftSchedule
 
 STAGES = ("vae", "flow", "guidance", "fewstep", "lora")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -60,6 +64,8 @@ class DataConfig:
     p_relation: float = P_RELATION  # share of two-object relation scenes; the rest are 1-4 copies of one object
     text_length: int = 32  # MiniLM tokens per caption (padded); recorded in the model's manifest for inference
     layout: str = "spread"  # where a pair's objects go (fluxion.data.shapes.LAYOUTS)
+    captions: str = "templates"  # "varied": many phrasings of each scene (fluxion.data.captions.draw_wording)
+    captions_per_image: int = 1  # captions cached per image; epoch e reads caption (e + i) % n of item i
     shapes: list[str] = field(default_factory=lambda: list(TRAIN_SHAPES))  # the shapes scenes are drawn from
     teach: str = ""  # a held-out shape the first teach_images scenes show (a LoRA teaching it); "" = none
     teach_images: int = 0  # 0 = all; the rest are ordinary scenes without it (prior preservation)
@@ -75,6 +81,9 @@ class ModelConfig:
     # Number the caption's tokens in RoPE (sampling.text_ids): word order for a model reading MiniLM's states.
     # A teacher (guidance, few_step stages) reads the captions the same way as its student.
     text_positions: bool = False
+    # The resolution shift's token range (sampling.ShiftSchedule fields, e.g. {base_seq_len = 16, max_seq_len =
+    # 64} for 64-128 px); {} = FLUX.1's 256-4096. Used by training's timesteps and recorded for sampling.
+    shift_schedule: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -200,6 +209,9 @@ class TrainConfig:
     def is_vae(self) -> bool:
         return self.run.stage == "vae"
 
+    def shift_schedule(self) -> ShiftSchedule:
+        return ShiftSchedule(**self.model.shift_schedule)
+
     def model_params(self) -> FluxParams | AutoEncoderParams:
         presets, cls = (AUTOENCODER_PRESETS, AutoEncoderParams) if self.is_vae else (TRANSFORMER_PRESETS, FluxParams)
         base = dataclasses.asdict(presets[self.model.preset])
@@ -276,6 +288,15 @@ def _validate(cfg: TrainConfig) -> None:
              "data.teach_images", f"must be in 0..data.num_images and needs data.teach, got {cfg.data.teach_images}")
     _require(not cfg.data.teach or cfg.data.teach in cfg.data.shapes, s, "data.teach",
              f"must be one of data.shapes {cfg.data.shapes}, got {cfg.data.teach!r}")
+    try:
+        cfg.shift_schedule()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{s}: model.shift_schedule: {e} (fields: base_seq_len, max_seq_len, base_shift, "
+                          f"max_shift)") from None
+    _require(cfg.data.captions in CAPTION_MODES, s, "data.captions",
+             f"must be one of {CAPTION_MODES}, got {cfg.data.captions!r}")
+    _require(1 <= cfg.data.captions_per_image <= 16, s, "data.captions_per_image",
+             f"must be in [1, 16], got {cfg.data.captions_per_image}")
     _require(0.0 <= cfg.data.p_relation <= 1.0, s, "data.p_relation", f"must be in [0, 1], got {cfg.data.p_relation}")
     _require(3 <= cfg.data.text_length <= 512, s, "data.text_length",
              f"must be in [3, 512] ([CLS], a token, [SEP]; MiniLM's 512 positions), got {cfg.data.text_length}")
@@ -344,6 +365,8 @@ def parse_config(data: dict, source: str = "<dict>") -> TrainConfig:
     """A TrainConfig from the TOML document `data` (as tomllib returns it); `source` names it in errors."""
     sections = {"run": RunConfig, "data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "ema": EMAConfig,
                 "objective": None, "log": LogConfig, "export": ExportConfig}
+    if "stages" in data:
+        raise ConfigError(f"{source}: holds [[stages]], several runs: read it with parse_stages / load_stages")
     unknown = sorted(set(data) - set(sections))
     if unknown:
         raise ConfigError(f"{source}: unknown section [{unknown[0]}]; sections are {', '.join(sections)}")
@@ -361,13 +384,87 @@ def parse_config(data: dict, source: str = "<dict>") -> TrainConfig:
     return cfg
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """Read and check a training recipe (TOML). Relative paths inside it are relative to the working directory."""
+def _merge(shared: dict, stage: dict) -> dict:
+    """stage's keys over shared's; a table both hold merges key by key, so a stage changing one key keeps the rest."""
+    out = dict(shared)
+    for k, v in stage.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_stages(data: dict, source: str = "<dict>") -> list[TrainConfig]:
+    """The runs a recipe holds, in order. With [[stages]], each stage (a partial recipe) is merged over the top-level
+    tables (what the stages share) and parsed as a recipe of its own, named "<source>#<run.name>" in errors and in
+    its model's manifest; every stage names itself (run.name) and writes to a run.out_dir of its own. Without
+    [[stages]], the recipe is its one run."""
+    if "stages" not in data:
+        return [parse_config(data, source)]
+    stages = data["stages"]
+    if not (isinstance(stages, list) and stages and all(isinstance(t, dict) for t in stages)):
+        raise ConfigError(f"{source}: stages must be an array of tables ([[stages]]), each a partial recipe")
+    shared = {k: v for k, v in data.items() if k != "stages"}
+    configs: list[TrainConfig] = []
+    for i, stage in enumerate(stages):
+        own = stage.get("run", {})
+        name = own.get("name") if isinstance(own, dict) else None
+        # a name from the shared tables would be every stage's: each stage must give its own
+        _require(isinstance(name, str) and bool(name), source, f"stages[{i}].run.name",
+                 "is required: each stage names its own run")
+        _require("stages" not in stage, source, f"stages[{i}].stages", "is not allowed: stages do not nest")
+        cfg = parse_config(copy.deepcopy(_merge(shared, stage)), f"{source}#{name}")  # no tables shared
+        for j, other in enumerate(configs):
+            _require(other.run.name != name, source, f"stages[{i}].run.name", f"{name!r} is also stages[{j}]'s")
+            _require(Path(other.run.out_dir) != Path(cfg.run.out_dir), source, f"stages[{i}].run.out_dir",
+                     f"{cfg.run.out_dir!r} is also stages[{j}]'s: each stage needs a run folder of its own")
+        configs.append(cfg)
+    return configs
+
+
+def read_recipe(path: str | Path) -> dict:
+    """A recipe's TOML document, as tomllib reads it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"training config {path} does not exist")
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and check a one-run training recipe (TOML). Relative paths inside it are relative to the working
+    directory. A recipe with [[stages]] is refused: load_stages reads it."""
+    data = read_recipe(path)
+    if "stages" in data:
+        raise ConfigError(f"{path} holds [[stages]], several runs: read it with load_stages(); `fluxion train "
+                          f"{path}` runs them in order, --stage NAME one of them")
     return parse_config(data, str(path))
+
+
+def load_stages(path: str | Path) -> list[TrainConfig]:
+    """Every run of a recipe in order: its [[stages]] (parse_stages), or the one run of a recipe without them."""
+    return parse_stages(read_recipe(path), str(path))
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)  # 1e-05, inf, nan: TOML spells floats as Python prints them
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)  # JSON's escapes are TOML's
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"no TOML form for {type(v).__name__} {v!r}")
+
+
+def toml_text(tables: dict, header: str = "") -> str:
+    """A recipe's TOML from {section: table}; a list of tables is an array of tables ([[stages]])."""
+    lines = [f"# {line}" for line in header.splitlines()]
+    for name, value in tables.items():
+        for table in value if isinstance(value, list) else [value]:
+            lines += ["", f"[[{name}]]" if isinstance(value, list) else f"[{name}]"]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines).lstrip("\n") + "\n"

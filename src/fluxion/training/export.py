@@ -1,5 +1,6 @@
 """A finished run as a model folder (BFL-layout safetensors + fluxion.json), and its export for shipping."""
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -35,6 +36,7 @@ def manifest(cfg: TrainConfig) -> dict:
             "autoencoder": AUTOENCODER_FILE, "text_encoder": "minilm", "text_length": cfg.data.text_length,
             "text_positions": cfg.model.text_positions, "defaults": defaults,
             "sizes": trained_sizes(cfg.data.buckets),
+            **({"schedule": dataclasses.asdict(cfg.shift_schedule())} if cfg.model.shift_schedule else {}),
             "training": {"stage": cfg.run.stage, "steps": cfg.run.steps, "batch_size": cfg.run.batch_size,
                          "recipe": cfg.source}}
 

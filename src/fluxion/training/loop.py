@@ -1,6 +1,7 @@
 """The training loop, one straight line for every stage: config -> data -> model -> optimizer -> loop -> checkpoint
 -> finished model folder (and its export)."""
 
+import copy
 import json
 import logging
 import math
@@ -12,9 +13,9 @@ from tqdm.auto import tqdm
 
 from ..devices import resolve_device
 from ..errors import FluxionError
-from ..files import atomic_write
+from ..files import atomic_folder, atomic_write
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from .config import ConfigError, OptimConfig, TrainConfig, load_config
+from .config import ConfigError, OptimConfig, TrainConfig, load_config, parse_stages, read_recipe, toml_text
 from .ema import EMA
 from .export import copy_file, export_run
 from .plots import loss_curve, save_image
@@ -101,17 +102,22 @@ def _diverged(what: str, value: float, step: int, checkpoint: Path) -> TrainingD
                             "Lower optim.lr or tighten optim.grad_clip, then run again to resume from it")
 
 
-def run(config_path: str | Path, *, resume: bool = True, max_steps: int | None = None,
+def run(config: str | Path | TrainConfig, *, resume: bool = True, max_steps: int | None = None,
         out_dir: str | Path | None = None) -> Path:
-    """Train the stage a recipe describes, resuming from its checkpoint when there is one; stop after `max_steps`
-    (total, not additional) if given. Returns the run folder; a finished run holds the model in run/model/ and,
-    with [export] dir, a copy there. `out_dir` replaces the recipe's run.out_dir and skips its export.dir."""
-    cfg: TrainConfig = load_config(config_path)
+    """Train the run a one-run recipe (its path) or a stage (a config from load_stages) describes, resuming from its
+    checkpoint when there is one; stop after `max_steps` (total, not additional) if given. Returns the run folder; a
+    finished run holds the model in run/model/ and, with [export] dir, a copy there. `out_dir` replaces the
+    recipe's run.out_dir and skips its export.dir."""
+    cfg: TrainConfig = copy.deepcopy(config) if isinstance(config, TrainConfig) else load_config(config)
     if out_dir is not None:  # the run and its result go there; the recipe's export.dir (a shipped copy) is left alone
         cfg.run.out_dir, cfg.export.dir = str(out_dir), ""
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    copy_file(Path(config_path), out / "config.toml")
+    if isinstance(config, TrainConfig):  # a stage: its merged tables, a one-run recipe load_config reads back
+        text = toml_text(cfg.to_dict(), f"{cfg.source}, its tables merged with the recipe's shared ones")
+        atomic_write(out / "config.toml", lambda tmp: Path(tmp).write_text(text))
+    else:
+        copy_file(Path(config), out / "config.toml")
     device = resolve_device(cfg.run.device)
     bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
 
@@ -184,13 +190,49 @@ def run(config_path: str | Path, *, resume: bool = True, max_steps: int | None =
     if step < cfg.run.steps:
         log.info("stopped at step %d of %d; run the same config again to resume", step, cfg.run.steps)
         return out
-    folder = out / MODEL_DIR
-    folder.mkdir(exist_ok=True)
-    stage.finish(ema.model, folder)
-    log.info("finished: model in %s", folder)
-    if cfg.export.dir:
-        export_run(cfg, folder, Path(cfg.export.dir))
+
+    def build(folder: Path) -> None:
+        stage.finish(ema.model, folder)
+        if cfg.export.dir:
+            export_run(cfg, folder, Path(cfg.export.dir))
+
+    # model/ appears whole, after its export: its presence is what marks a run finished (run_recipe skips it)
+    log.info("finished: model in %s", atomic_folder(out / MODEL_DIR, build))
     return out
+
+
+def run_recipe(path: str | Path, *, stage: str | None = None, resume: bool = True, max_steps: int | None = None,
+               out_dir: str | Path | None = None) -> list[Path]:
+    """Train what a recipe describes (`fluxion train`): a one-run recipe as run() does, or a recipe's [[stages]] in
+    order, only the one named `stage` if given, each stopped after `max_steps` if given. With `resume`, a stage whose
+    model folder is there finished earlier and is skipped, so running the recipe again goes on where it stopped; a
+    stage stopped short ends the call, as the stages after it start from its model. Returns the run folders."""
+    data = read_recipe(path)
+    if "stages" not in data:
+        if stage is not None:
+            raise ConfigError(f"{path} holds no [[stages]]: stage (--stage) picks one of a multi-stage recipe's")
+        return [run(path, resume=resume, max_steps=max_steps, out_dir=out_dir)]
+    if out_dir is not None:
+        raise ConfigError(f"{path} holds [[stages]], each with its own run.out_dir: out_dir (--out-dir) is for "
+                          "one-run recipes")
+    configs = parse_stages(data, str(path))
+    if stage is not None:
+        names = [c.run.name for c in configs]
+        if stage not in names:
+            raise ConfigError(f"{path}: no stage named {stage!r}; its stages are {', '.join(names)}")
+        configs = [configs[names.index(stage)]]
+    folders = []
+    for cfg in configs:
+        folder = Path(cfg.run.out_dir)
+        if resume and (folder / MODEL_DIR).is_dir():
+            log.info("%s: finished earlier (%s), skipped", cfg.source, folder / MODEL_DIR)
+        else:
+            run(cfg, resume=resume, max_steps=max_steps)
+        folders.append(folder)
+        if not (folder / MODEL_DIR).is_dir():
+            log.info("%s stopped before its last step: the stages after it wait for its model", cfg.source)
+            break
+    return folders
 
 
 def export(config_path: str | Path, dest: str | Path | None = None) -> Path:

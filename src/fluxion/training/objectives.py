@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..sampling import get_schedule, time_shift
+from ..sampling import FLUX_SHIFT, ShiftSchedule, get_schedule, time_shift
 
 Velocity = Callable[[Tensor, Tensor], Tensor]  # (x_t (B, ...), t (B,)) -> v (B, ...)
 
@@ -79,13 +79,14 @@ def jump_target(velocity: Velocity, x: Tensor, t: Tensor, t_next: Tensor, subste
     return (x_next - x.float()) / _bcast(t_next - t, x_next)
 
 
-def schedule_segments(student_steps: list[int], image_seq_len: int, shift: bool) -> list[tuple[list[float], float]]:
+def schedule_segments(student_steps: list[int], image_seq_len: int, shift: bool,
+                      schedule: ShiftSchedule = FLUX_SHIFT) -> list[tuple[list[float], float]]:
     """Every step of every schedule a few-step student learns, as the schedule's points up to the step's start and
     the step's end; e.g. 2 unshifted steps: ([1.0], 0.5), ([1.0, 0.5], 0.0)."""
     segments = []
     for n in student_steps:
-        schedule = get_schedule(n, image_seq_len, shift=shift)
-        segments += [(schedule[:k + 1], schedule[k + 1]) for k in range(n)]
+        times = get_schedule(n, image_seq_len, shift=shift, schedule=schedule)
+        segments += [(times[:k + 1], times[k + 1]) for k in range(n)]
     return segments
 
 

@@ -33,7 +33,8 @@ def _dataset(cfg: TrainConfig) -> ShapesDataset:
     return ShapesDataset(seed=cfg.data.seed, length=cfg.data.num_images,
                          buckets=[tuple(b) for b in cfg.data.buckets], p_relation=cfg.data.p_relation,
                          layout=cfg.data.layout, shapes=tuple(cfg.data.shapes), teach=cfg.data.teach or None,
-                         teach_images=cfg.data.teach_images or None)
+                         teach_images=cfg.data.teach_images or None, captions=cfg.data.captions,
+                         captions_per_image=cfg.data.captions_per_image)
 
 
 def _randn(shape, generator: torch.Generator, like: Tensor) -> Tensor:
@@ -165,10 +166,11 @@ class TransformerStage:
         return model
 
     def next_batch(self) -> LatentBatch:
-        return self.latent_batch(next(self.batches))
+        epoch = self.batches.epoch
+        return self.latent_batch(next(self.batches), epoch)
 
-    def latent_batch(self, indices: list[int]) -> LatentBatch:
-        latents, txt, vec = self.features.batch(indices)
+    def latent_batch(self, indices: list[int], epoch: int = 0) -> LatentBatch:
+        latents, txt, vec = self.features.batch(indices, epoch)
         B, _, h, w = latents.shape
         d = self.device
         return LatentBatch(pack(latents).to(d), image_ids(B, h, w, d), txt.to(d),
@@ -184,7 +186,8 @@ class TransformerStage:
                 torch.where(drop[:, None], self.empty_vec, b.vec))
 
     def timesteps(self, b: LatentBatch, generator: torch.Generator) -> Tensor:
-        mu = schedule_mu(b.x0.shape[1]) if self.obj.shift else None  # the sampler's shift for this many tokens
+        # the sampler's shift for this many tokens
+        mu = schedule_mu(b.x0.shape[1], self.cfg.shift_schedule()) if self.obj.shift else None
         return objectives.sample_timesteps(len(b), generator, mean=self.obj.t_mean, std=self.obj.t_std,
                                            mu=mu).to(self.device)
 
@@ -274,7 +277,8 @@ class FewStepStage(TransformerStage):
         return velocity
 
     def loss(self, model: Flux, b: LatentBatch, generator: torch.Generator) -> tuple[Tensor, dict]:
-        segments = objectives.schedule_segments(self.obj.student_steps, b.x0.shape[1], shift=self.obj.shift)
+        segments = objectives.schedule_segments(self.obj.student_steps, b.x0.shape[1], shift=self.obj.shift,
+                                                schedule=self.cfg.shift_schedule())
         pick = torch.randint(len(segments), (len(b),), generator=generator)
         t = torch.tensor([segments[i][0][-1] for i in pick], dtype=torch.float32, device=self.device)
         t_next = torch.tensor([segments[i][1] for i in pick], dtype=torch.float32, device=self.device)

@@ -1,0 +1,123 @@
+"""Caption wordings: varied training captions still say what is drawn, and held-out wordings never reach training."""
+
+import re
+from collections import defaultdict
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fluxion.data import CaptionStyle, ShapesDataset, describe, group_scene, relation_scene
+from fluxion.data.captions import WORDINGS, Wording, draw_wording, held_out_wording
+from fluxion.data.shapes import INVERSE_RELATION
+from fluxion.errors import InputError
+from fluxion.eval import load_spec
+from fluxion.training.batches import FeatureCache
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pattern(wording: str) -> re.Pattern:
+    """A wording as a regex: its words literal, a slot between words ('{a} and {b}') any text; slots at the ends
+    are left out."""
+    parts = [p.strip() for p in re.split(r"\{\w*\}", wording)]
+    while parts and not parts[0]:
+        parts.pop(0)
+    while parts and not parts[-1]:
+        parts.pop()
+    return re.compile(r"\b" + " .+? ".join(map(re.escape, parts)) + r"\b")
+
+
+HELD_OUT = [_pattern(h) for _, held in WORDINGS.values() for h in held]
+
+
+def _held_out_phrases(text: str) -> list[str]:
+    return [p.pattern for p in HELD_OUT if p.search(text)]
+
+
+def test_wordings_cover_every_field_and_default_to_the_spec_grammar():
+    assert set(WORDINGS) == {f.name for f in fields(Wording)}
+    assert all(WORDINGS[f.name][0][0] == f.default for f in fields(Wording))
+    rng = np.random.default_rng(0)
+    seen = defaultdict(set)
+    for _ in range(3000):
+        for name, value in vars(draw_wording(rng)).items():
+            seen[name].add(value)
+    assert {name: set(trained) for name, (trained, _) in WORDINGS.items()} == dict(seen)  # every trained one drawn
+
+
+def test_wordings_phrase_the_scene():
+    rng = np.random.default_rng(0)
+    scene = relation_scene(rng, (64, 64), ("triangle", "purple", "small"), ("circle", "yellow", "large"), "above",
+                           "black")
+    wording = Wording(frame="a picture of {}", one="one", color="{noun} in {color}", above="on top of",
+                      background="against a {} background", end=".")
+    style = CaptionStyle(color=True, size=True, background=True, wording=wording)
+    assert describe(scene, style) == ("a picture of one small triangle in purple on top of one large circle in "
+                                      "yellow against a black background.")
+    inverse = CaptionStyle(color=False, form="inverse", wording=Wording(clause="{a} is {relation} {b}",
+                                                                        below="beneath"))
+    assert describe(scene, inverse) == "a circle is beneath a triangle"
+    three = group_scene(rng, (64, 64), "square", "orange", 3, "small", "white")
+    assert describe(three, CaptionStyle(wording=Wording(count="{digit}"))) == "3 orange squares"
+    assert describe(three, CaptionStyle(wording=Wording(count="exactly {word}", color="{noun} coloured {color}"))) \
+        == "exactly three squares coloured orange"
+
+
+def test_varied_captions_name_each_relation_in_its_direction():
+    """Whatever the wording, the relation phrase sits between the two objects in the drawn direction, and each
+    named colour is its own object's."""
+    ds = ShapesDataset(seed=5, length=400, p_relation=1.0, captions="varied")
+    rng = np.random.default_rng(1)
+    for i in range(len(ds)):
+        scene = ds.scene(i)[0]
+        wording = draw_wording(rng)
+        for form in ("relation", "inverse"):
+            style = CaptionStyle(color=True, form=form, wording=wording)
+            text = describe(scene, style)
+            a, b = scene.objects if form == "relation" else scene.objects[::-1]
+            relation = scene.relation if form == "relation" else INVERSE_RELATION[scene.relation]
+            before, after = text.split(f" {wording.relation(relation)} ", 1)
+            assert a.shape in before and a.color in before and b.shape in after and b.color in after, text
+            assert b.shape not in before.split() and a.shape not in after.split(), text
+
+
+def test_held_out_wordings_never_reach_training_captions():
+    ds = ShapesDataset(seed=2, length=4000, p_relation=0.75, layout="halves", captions="varied",
+                       captions_per_image=2)
+    texts = [t for i in range(2000) for t in ds.captions(i)]
+    assert len(set(texts)) > 0.8 * len(texts)  # many phrasings, not a few templates
+    assert not [(t, _held_out_phrases(t)) for t in texts if _held_out_phrases(t)]
+    assert ds.captions(7)[0] == ds.scene(7)[1] and ds.captions(7) == ds.captions(7)
+    # the template captions (every recipe before #27) keep the spec's wording only
+    plain = ShapesDataset(seed=2, length=500, p_relation=0.75)
+    assert not any(re.search(r"\d|\bplus\b|\bin the picture\b|\.", plain.scene(i)[1]) for i in range(500))
+    with pytest.raises(InputError, match="captions must be one of"):
+        ShapesDataset(captions="fancy")
+    with pytest.raises(InputError, match="captions_per_image"):
+        ShapesDataset(captions_per_image=0)
+
+
+def test_held_out_phrasing_spec_asks_for_the_same_scenes_in_unseen_words():
+    spec = load_spec(ROOT / "evals" / "shapes.jsonl")
+    phrased = load_spec(ROOT / "evals" / "shapes-phrasings.jsonl")
+    assert len(spec) == len(phrased)
+    for entry, other in zip(spec, phrased):
+        assert {k: v for k, v in entry.items() if k != "prompt"} == {k: v for k, v in other.items() if k != "prompt"}
+        assert other["prompt"] != entry["prompt"] and _held_out_phrases(other["prompt"]), other
+        assert not _held_out_phrases(entry["prompt"])
+        for req in entry["include"]:  # the shapes, colours and counts are still named
+            assert req["class"] in other["prompt"] and req.get("color", "") in other["prompt"]
+    wording = held_out_wording(np.random.default_rng(0), ("frame", "clause", "left"), p=1.0)
+    assert wording.frame == Wording.frame  # a sentence ("a sits left of b") is not framed
+
+
+def test_feature_cache_reads_each_of_an_items_captions_in_turn():
+    latents = [torch.zeros(4, 16, 2, 2)]
+    txt = torch.arange(8.0).reshape(8, 1, 1).expand(8, 1, 3).contiguous()  # row r holds r
+    cache = FeatureCache(latents, torch.arange(8).reshape(4, 2), txt, torch.arange(8.0)[:, None],
+                         torch.zeros(1, 1, 3), torch.zeros(1, 1))
+    rows = [cache.batch([0, 1, 2, 3], epoch)[2][:, 0].tolist() for epoch in range(3)]
+    assert rows == [[0, 3, 4, 7], [1, 2, 5, 6], [0, 3, 4, 7]]  # item i, epoch e: caption (e + i) % 2
