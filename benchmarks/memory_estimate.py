@@ -1,6 +1,6 @@
 """The memory estimate (fluxion.memory) against the peak RSS growth of real jobs, one fresh process per job.
 
-    python benchmarks/memory_estimate.py                 # the table of the README
+    python benchmarks/memory_estimate.py                 # the table in benchmarks/README.md
     python benchmarks/memory_estimate.py --job 512 4 latent --json   # one job (what tests/test_memory.py runs)
     python benchmarks/memory_estimate.py --decode 1024   # the VAE decode alone: peak RSS growth and seconds
     python benchmarks/memory_estimate.py --tiling 2048   # the tiled decode against the whole one: memory, seams

@@ -4,6 +4,7 @@ prompt, written to one JSON file and printed as tables with the targets checked.
 
     python evals/family_sizes.py --out runs/eval/family-sizes.json             # everything (long on a CPU)
     python evals/family_sizes.py --models tiny-schnell --sizes 64x64 --seeds 0  # a part
+    python evals/family_sizes.py --models runs/old-models/tiny-schnell --out runs/eval/old-models.json
 
 Results are kept per (model, size, seed, spec) in the JSON file, and a rerun skips the ones it holds, so a long run
 can be stopped and resumed. Sizes are WIDTHxHEIGHT.
@@ -20,6 +21,11 @@ from fluxion.files import atomic_write
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = {"shapes": ROOT / "evals" / "shapes.jsonl", "phrasings": ROOT / "evals" / "shapes-phrasings.jsonl"}
 STEPS = {"tiny-pro": 20, "tiny-dev": 20, "tiny-schnell": 4}  # as the README's table: the spec's samplers
+
+
+def steps_for(model: str) -> int:
+    """The sampler steps for a model name or folder (runs/old-models/tiny-dev is a tiny-dev)."""
+    return STEPS[Path(model).name]
 SIZES = ["64x64", "128x128", "128x64", "64x128"]
 
 
@@ -46,13 +52,13 @@ def main() -> None:
             width, height = map(int, size.split("x"))
             for spec in args.specs:
                 for seed in args.seeds if spec == "shapes" else args.phrasing_seeds:
-                    name = key(model, size, seed, spec)
+                    name = key(Path(model).name, size, seed, spec)  # a folder counts as the model it holds
                     if name in results:
                         continue
 
                     def generate(prompts, seeds):
-                        return pipe(prompts, seed=seeds, num_inference_steps=STEPS[model], height=height,
-                                    width=width)
+                        return pipe(prompts, seed=seeds, num_inference_steps=steps_for(model), height=height,
+                                    width=width, allow_any_size=True)  # also a model made for other sizes
 
                     r = run_eval(generate, SPECS[spec], args.images_per_prompt,
                                  args.out.parent / "family-sizes" / name.replace(" ", "_"), seed=seed)

@@ -27,7 +27,7 @@ from .errors import InputError
 log = logging.getLogger(__name__)
 
 CACHE_KINDS = ("fbcache", "teacache", "taylorseer")
-# each at most 0.6x the time at 28 steps on tiny-dev and tiny-pro for GenEval-shapes within 0.02 (README)
+# each at most 0.6x the time at 28 steps on tiny-dev and tiny-pro for GenEval-shapes within 0.02 (docs/performance.md)
 DEFAULT_THRESHOLDS = {"fbcache": 0.2, "teacache": 0.1, "taylorseer": 3}
 # TeaCache without a polynomial fitted for the model: the raw relative change of the modulated input
 IDENTITY_POLYNOMIAL = (1.0, 0.0)
