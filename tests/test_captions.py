@@ -121,3 +121,20 @@ def test_feature_cache_reads_each_of_an_items_captions_in_turn():
                          torch.zeros(1, 1, 3), torch.zeros(1, 1))
     rows = [cache.batch([0, 1, 2, 3], epoch)[2][:, 0].tolist() for epoch in range(3)]
     assert rows == [[0, 3, 4, 7], [1, 2, 5, 6], [0, 3, 4, 7]]  # item i, epoch e: caption (e + i) % 2
+
+
+def test_a_cache_of_varied_captions_is_keyed_by_the_wordings(tmp_path, monkeypatch):
+    """Changing the grammar must not let training read captions cached under the old one."""
+    from types import SimpleNamespace
+
+    from fluxion.training import batches
+
+    ae = tmp_path / "ae.safetensors"
+    ae.write_bytes(b"weights")
+    encoder = SimpleNamespace(max_length=32, context_dim=384)
+    varied = ShapesDataset(seed=1, length=10, captions="varied")
+    before = batches.cache_key(ae, varied, encoder)
+    template = batches.cache_key(ae, ShapesDataset(seed=1, length=10), encoder)
+    monkeypatch.setitem(batches.WORDINGS, "end", (("", "!"), ()))
+    assert batches.cache_key(ae, varied, encoder) != before
+    assert batches.cache_key(ae, ShapesDataset(seed=1, length=10), encoder) == template  # templates: no wordings

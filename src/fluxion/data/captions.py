@@ -71,7 +71,7 @@ def draw_wording(rng: np.random.Generator) -> Wording:
     choices = {}
     for f in fields(Wording):
         trained = WORDINGS[f.name][0]
-        u = rng.random()
+        u = rng.random()  # one draw per field: below P_DEFAULT_WORDING the default, above it the others in turn
         k = 0 if u < P_DEFAULT_WORDING or len(trained) == 1 else \
             1 + min(int((u - P_DEFAULT_WORDING) / (1 - P_DEFAULT_WORDING) * (len(trained) - 1)), len(trained) - 2)
         choices[f.name] = trained[k]

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints.io import load_state_dict, read_checkpoint_info, save_state_dict
 from ..data import BucketBatchSampler, ShapesDataset, collate
+from ..data.captions import WORDINGS
 from ..errors import InputError
 from ..model import AutoEncoder
 
@@ -114,7 +115,9 @@ def cache_key(autoencoder_path: Path, dataset: ShapesDataset, text_encoder) -> s
                          # only when not the default, so caches built before layouts existed stay valid
                          **({"layout": dataset.layout} if dataset.layout != "spread" else {}),
                          **({"teach": dataset.teach, "teach_images": dataset.teach_images} if dataset.teach else {}),
-                         **({"captions": dataset.caption_mode, "captions_per_image": dataset.captions_per_image}
+                         # varied captions depend on the wordings too: a changed grammar must not reuse a cache
+                         **({"captions": dataset.caption_mode, "captions_per_image": dataset.captions_per_image,
+                             "wordings": WORDINGS if dataset.caption_mode == "varied" else None}
                             if (dataset.caption_mode, dataset.captions_per_image) != ("templates", 1) else {})},
                         sort_keys=True).encode())
     return h.hexdigest()
