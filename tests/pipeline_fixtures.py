@@ -74,3 +74,20 @@ def save_diffusers_flux(root, encoders, guidance_embed: bool, dynamic_shift: boo
     )
     pipe.save_pretrained(root)
     return pipe
+
+
+def assert_from_image_reapplies(tmp_path, flag: str, value: str, steps: int = 4) -> None:
+    """`fluxion generate ... FLAG VALUE` records the setting in its PNG, and --from-image redraws the same image
+    with it (the attribute of GenerationSettings is the flag's name)."""
+    from PIL import Image
+
+    from fluxion import cli
+    from fluxion.metadata import read_settings
+
+    out, again = tmp_path / "a.png", tmp_path / "b.png"
+    assert cli.main(["generate", "two yellow stars", "--model", "tiny-dev", "--steps", str(steps), "--seed", "1",
+                     flag, value, "--out", str(out)]) == 0
+    assert getattr(read_settings(out), flag.lstrip("-")) == value
+    assert cli.main(["generate", "--from-image", str(out), "--out", str(again)]) == 0
+    assert getattr(read_settings(again), flag.lstrip("-")) == value
+    assert Image.open(again).tobytes() == Image.open(out).tobytes()

@@ -14,8 +14,7 @@ from fluxion import cli
 from fluxion import sampling
 from fluxion.cache import CacheSpec, FirstBlockCache, TaylorSeerCache, TeaCache, fit_teacache
 from fluxion.errors import InputError
-from fluxion.metadata import read_settings
-from pipeline_fixtures import make_pipeline
+from pipeline_fixtures import assert_from_image_reapplies, make_pipeline
 
 PROMPTS = ["a red circle", "two blue squares"]
 
@@ -137,13 +136,7 @@ def test_bad_cache_settings_name_the_flag(text, words):
 
 
 def test_the_image_records_the_cache_and_from_image_reapplies_it(tmp_path):
-    out, again = tmp_path / "a.png", tmp_path / "b.png"
-    assert cli.main(["generate", "two yellow stars", "--model", "tiny-dev", "--steps", "6", "--seed", "1",
-                     "--cache", "fbcache:0.2", "--out", str(out)]) == 0
-    assert read_settings(out).cache == "fbcache:0.2"
-    assert cli.main(["generate", "--from-image", str(out), "--out", str(again)]) == 0
-    assert read_settings(again).cache == "fbcache:0.2"
-    assert Image.open(again).tobytes() == Image.open(out).tobytes()
+    assert_from_image_reapplies(tmp_path, "--cache", "fbcache:0.2", steps=6)
 
 
 def test_caches_run_with_lora_adapters():

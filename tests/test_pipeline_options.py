@@ -3,15 +3,13 @@ and the CLI flags. The quantized transformer is kept after the first start and l
 the image records the scheme and --from-image reapplies it; offload and slicing change no image; bad names are
 refused, naming the flag, before anything loads; the memory estimate follows the options."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from fluxion import cli
 from fluxion.errors import InputError
-from fluxion.metadata import read_settings
 from fluxion.pipeline import Pipeline
+from pipeline_fixtures import assert_from_image_reapplies
 
 KW = dict(seed=[1, 2], num_inference_steps=4, output_type="latent")
 
@@ -42,13 +40,7 @@ def test_quantized_transformer_is_kept_and_loaded_without_requantizing(home, mon
 
 
 def test_the_image_records_the_scheme_and_from_image_reapplies_it(home, tmp_path):
-    out, again = tmp_path / "a.png", tmp_path / "b.png"
-    assert cli.main(["generate", "two yellow stars", "--model", "tiny-dev", "--steps", "4", "--seed", "1",
-                     "--quantize", "int8-weight", "--out", str(out)]) == 0
-    assert read_settings(out).quantize == "int8-weight"
-    assert cli.main(["generate", "--from-image", str(out), "--out", str(again)]) == 0
-    assert read_settings(again).quantize == "int8-weight"
-    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
+    assert_from_image_reapplies(tmp_path, "--quantize", "int8-weight")
 
 
 def test_bad_option_names_are_refused_before_loading(home, tmp_path, capsys):
