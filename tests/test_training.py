@@ -239,8 +239,20 @@ def test_a_killed_run_resumes_to_the_same_weights(root):
     straight = run(recipe("kill-straight", 6))
     config = recipe("kill", 1)
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same threads: same float sums
-    proc = subprocess.Popen([sys.executable, "-c", f"from fluxion.training import run; run({str(config)!r})"],
-                            env=env)
+    # The child stalls after its step-3 checkpoint, so the kill lands mid-run however fast the steps are (a fast
+    # machine used to finish all 12 steps between two polls).
+    child = f"""
+import time
+from fluxion.training import loop, run
+save = loop.save_checkpoint
+def save_then_stall(path, **state):
+    save(path, **state)
+    if state["step"] == 3:
+        time.sleep(600)
+loop.save_checkpoint = save_then_stall
+run({str(config)!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", child], env=env)
     try:
         deadline = time.monotonic() + 240  # generous: CI runs two test workers on two cores
         while saved_step(root / "kill") < 3:
