@@ -663,6 +663,34 @@ def test_feature_cache_key_follows_the_layout(tmp_path):
     assert keys["spread"] == cache_key(vae, ShapesDataset(seed=0, length=8), Text())
 
 
+def test_a_cache_with_other_captions_reuses_the_latents_of_the_same_images(tmp_path, ae_path, monkeypatch):
+    """Changing only how the images are captioned encodes the captions again, not the images."""
+    from fluxion.text import load_minilm
+    from fluxion.training import batches
+
+    vae = load_autoencoder(ae_path, dtype=torch.float32)
+    text = load_minilm(max_length=24)
+
+    def cache(dataset, encode_calls: list) -> FeatureCache:
+        real = vae.encode
+        monkeypatch.setattr(vae, "encode", lambda x: encode_calls.append(len(x)) or real(x))
+        return batches.load_or_build_feature_cache(tmp_path, ae_path, dataset, vae, text, torch.device("cpu"),
+                                                   progress=False)
+
+    def dataset(**captions) -> ShapesDataset:
+        return ShapesDataset(seed=3, length=6, buckets=[(32, 32), (32, 48)], **captions)
+
+    first_calls, again_calls, other_calls = [], [], []
+    templates = cache(dataset(), first_calls)
+    varied = cache(dataset(captions="varied", captions_per_image=2), again_calls)
+    assert sum(first_calls) == 6 and again_calls == []  # the second cache encoded no image
+    assert all(torch.equal(a, b) for a, b in zip(templates.latents, varied.latents))
+    assert varied.caption_ids.shape == (6, 2) and not torch.equal(varied.txt[:1], templates.txt[:1])
+    cache(ShapesDataset(seed=4, length=6, buckets=[(32, 32), (32, 48)]), other_calls)
+    assert sum(other_calls) == 6  # other scenes: their own images
+    assert len(list(tmp_path.glob("features-*.safetensors"))) == 3
+
+
 # -- LoRA: teaching the held-out star to a frozen model -----------------------------------------------------------
 def lora_recipe(root: Path, ae: Path, base: Path, **objective) -> dict:
     recipe = flux_recipe(root, ae, "star", "lora", "dev", steps=4, guidance=True, model={"init_from": str(base)},

@@ -104,44 +104,58 @@ class FeatureCache:
                    tensors["vec"], tensors["empty_txt"], tensors["empty_vec"])
 
 
-def cache_key(autoencoder_path: Path, dataset: ShapesDataset, text_encoder) -> str:
-    """What the cached features depend on: the VAE file's bytes, the dataset's items, the text encoder."""
+def _image_fields(dataset: ShapesDataset) -> dict:
+    """What the rendered images depend on (scenes are drawn before their captions, so not on the captions)."""
+    return {"version": CACHE_VERSION, "data_seed": dataset.seed, "length": len(dataset), "buckets": dataset.buckets,
+            "held_out": dataset.allow_held_out, "shapes": dataset.shapes, "p_relation": dataset.p_relation,
+            # only when not the default, so caches built before layouts existed stay valid
+            **({"layout": dataset.layout} if dataset.layout != "spread" else {}),
+            **({"teach": dataset.teach, "teach_images": dataset.teach_images} if dataset.teach else {})}
+
+
+def _key(autoencoder_path: Path, fields: dict) -> str:
     h = hashlib.sha256(autoencoder_path.read_bytes())
-    h.update(json.dumps({"version": CACHE_VERSION, "data_seed": dataset.seed, "length": len(dataset),
-                         "buckets": dataset.buckets, "held_out": dataset.allow_held_out, "shapes": dataset.shapes,
-                         "p_relation": dataset.p_relation,
-                         "text": type(text_encoder).__name__, "text_length": text_encoder.max_length,
-                         "text_dim": text_encoder.context_dim,
-                         # only when not the default, so caches built before layouts existed stay valid
-                         **({"layout": dataset.layout} if dataset.layout != "spread" else {}),
-                         **({"teach": dataset.teach, "teach_images": dataset.teach_images} if dataset.teach else {}),
-                         # varied captions depend on the wordings too: a changed grammar must not reuse a cache
-                         **({"captions": dataset.caption_mode, "captions_per_image": dataset.captions_per_image,
-                             "wordings": WORDINGS if dataset.caption_mode == "varied" else None}
-                            if (dataset.caption_mode, dataset.captions_per_image) != ("templates", 1) else {})},
-                        sort_keys=True).encode())
+    h.update(json.dumps(fields, sort_keys=True).encode())
     return h.hexdigest()
+
+
+def latents_key(autoencoder_path: Path, dataset: ShapesDataset) -> str:
+    """What the cached latents depend on: the VAE file's bytes and the dataset's images."""
+    return _key(autoencoder_path, _image_fields(dataset))
+
+
+def cache_key(autoencoder_path: Path, dataset: ShapesDataset, text_encoder) -> str:
+    """What all the cached features depend on: the latents' inputs, the captions and the text encoder."""
+    return _key(autoencoder_path, _image_fields(dataset) | {
+        "text": type(text_encoder).__name__, "text_length": text_encoder.max_length,
+        "text_dim": text_encoder.context_dim,
+        # varied captions depend on the wordings too: a changed grammar must not reuse a cache
+        **({"captions": dataset.caption_mode, "captions_per_image": dataset.captions_per_image,
+            "wordings": WORDINGS if dataset.caption_mode == "varied" else None}
+           if (dataset.caption_mode, dataset.captions_per_image) != ("templates", 1) else {})})
 
 
 @torch.no_grad()
 def build_feature_cache(dataset: ShapesDataset, autoencoder: AutoEncoder, text_encoder, device: torch.device,
-                        progress: bool = True) -> FeatureCache:
+                        progress: bool = True, latents: list[Tensor] | None = None) -> FeatureCache:
     """Render and encode every dataset item in fixed batches (the result does not depend on how training later
-    batches them) and encode each distinct caption once."""
+    batches them) and encode each distinct caption once. Given `latents` (another cache's, of the same images),
+    only the captions are encoded."""
     n, per_item = len(dataset), dataset.captions_per_image
-    latents, captions = [], [[""]] * n
-    bar = tqdm(total=n, desc="encoding images", disable=not progress, leave=False)
-    for group in bucket_indices(dataset, n):
-        parts = []
-        for start in range(0, len(group), ENCODE_BATCH):
-            chunk = group[start:start + ENCODE_BATCH]
-            x, _ = collate([dataset[i] for i in chunk])
-            parts.append(autoencoder.encode(x.to(device, torch.float32)).float().cpu())
-            for i in chunk:
-                captions[i] = dataset.captions(i) if per_item > 1 else [dataset.scene(i)[1]]
-            bar.update(len(chunk))
-        latents.append(torch.cat(parts))
-    bar.close()
+    captions = [dataset.captions(i) if per_item > 1 else [dataset.scene(i)[1]]
+                for i in tqdm(range(n), desc="captions", disable=not progress or latents is None, leave=False)]
+    if latents is None:
+        latents = []
+        bar = tqdm(total=n, desc="encoding images", disable=not progress, leave=False)
+        for group in bucket_indices(dataset, n):
+            parts = []
+            for start in range(0, len(group), ENCODE_BATCH):
+                chunk = group[start:start + ENCODE_BATCH]
+                x, _ = collate([dataset[i] for i in chunk])
+                parts.append(autoencoder.encode(x.to(device, torch.float32)).float().cpu())
+                bar.update(len(chunk))
+            latents.append(torch.cat(parts))
+        bar.close()
 
     distinct = sorted({c for item in captions for c in item})
     row = {c: r for r, c in enumerate(distinct)}
@@ -172,7 +186,19 @@ def load_or_build_feature_cache(cache_dir: Path, autoencoder_path: Path, dataset
     if path.is_file() and read_checkpoint_info(path).metadata.get("fluxion.cache_key") == key:
         log.info("frozen features from %s", path)
         return FeatureCache.from_tensors(load_state_dict(path))
-    log.info("encoding %d images and their captions into %s", len(dataset), path)
-    cache = build_feature_cache(dataset, autoencoder, text_encoder, device, progress)
-    save_state_dict(cache.to_tensors(), path, metadata={"fluxion.cache_key": key})
+    images = latents_key(autoencoder_path, dataset)
+    latents = _latents_of(cache_dir, images)
+    log.info("encoding %s into %s", f"the captions of {len(dataset)} images (the latents from a cache of the same "
+             "images)" if latents else f"{len(dataset)} images and their captions", path)
+    cache = build_feature_cache(dataset, autoencoder, text_encoder, device, progress, latents)
+    save_state_dict(cache.to_tensors(), path, metadata={"fluxion.cache_key": key, "fluxion.latents_key": images})
     return cache
+
+
+def _latents_of(cache_dir: Path, images: str) -> list[Tensor] | None:
+    """The latents of a cache in cache_dir of the same images (built with other captions or text settings)."""
+    for path in sorted(cache_dir.glob("features-*.safetensors")):
+        if read_checkpoint_info(path).metadata.get("fluxion.latents_key") == images:
+            tensors = load_state_dict(path, prefix="latents.")
+            return [tensors[f"latents.{b}"] for b in range(len(tensors))]
+    return None
