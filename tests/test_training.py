@@ -363,10 +363,12 @@ def test_the_teacher_chain_holds_the_stages_it_replaced():
     assert last == old
     for before, after in zip(stages, stages[1:]):
         assert after.model.init_from == f"{before.run.out_dir}/model/transformer.safetensors"
-    first, sizes = load_stages(recipes / "tiny-pro-sizes.toml")
-    assert first.model.init_from == "weights/tiny-pro-previous/transformer.safetensors"
-    assert sizes.model.init_from == f"{first.run.out_dir}/model/transformer.safetensors"
-    assert first.to_dict()["data"] == sizes.to_dict()["data"] and not first.export.dir
+    *earlier, sizes = load_stages(recipes / "tiny-pro-sizes.toml")
+    assert earlier[0].model.init_from == "weights/tiny-pro-previous/transformer.safetensors"
+    for before, after in zip(earlier, earlier[1:] + [sizes]):
+        assert after.model.init_from == f"{before.run.out_dir}/model/transformer.safetensors"
+        assert after.data.captions == before.data.captions and not before.export.dir  # only the last one ships
+    assert sizes.export.dir == "src/fluxion/models/tiny-pro"
     # the family's last recipes share the teacher's scenes, sizes, captions and shift, and chain to it
     dev, schnell = load_config(recipes / "tiny-dev.toml"), load_config(recipes / "tiny-schnell.toml")
     assert dev.to_dict()["data"] == schnell.to_dict()["data"] == sizes.to_dict()["data"]
