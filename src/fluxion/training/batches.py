@@ -162,19 +162,23 @@ def build_feature_cache(dataset: ShapesDataset, autoencoder: AutoEncoder, text_e
     # In batches (encode_uncached where the encoder has it: its per-prompt cache and one-by-one runs are for
     # serving); a caption's states then differ from a lone run's by float rounding only.
     encode = getattr(text_encoder, "encode_uncached", text_encoder.encode)
-    txt, vec = [], []
+    # Each batch trimmed to the positions it uses, then copied into one tensor as the batches are freed: the peak
+    # stays near the states' trimmed size (192000 captions: ~8 GB), not three times their padded size.
+    pieces, vec = [], []
     for start in tqdm(range(0, len(distinct), ENCODE_BATCH), desc="encoding captions", disable=not progress,
                       leave=False):
         t, v = encode(distinct[start:start + ENCODE_BATCH])
-        txt.append(t.float().cpu())
+        nonzero = t.abs().amax(dim=(0, 2)) > 0  # (L,): positions any caption of the batch uses
+        pieces.append(t[:, : int(nonzero.nonzero().max()) + 1 if nonzero.any() else 1].float().cpu().clone())
         vec.append(v.float().cpu())
-    txt = torch.cat(txt)
-    nonzero = txt.abs().amax(dim=(0, 2)) > 0  # (L,): positions any caption uses
-    used = int(nonzero.nonzero().max()) + 1 if nonzero.any() else 1
+    txt = torch.zeros(len(distinct), max(p.shape[1] for p in pieces), pieces[0].shape[-1])
+    for i, start in enumerate(range(0, len(distinct), ENCODE_BATCH)):
+        piece, pieces[i] = pieces[i], None
+        txt[start:start + len(piece), : piece.shape[1]] = piece
     empty_txt, empty_vec = text_encoder.encode([""])
     ids = torch.tensor([[row[c] for c in item] for item in captions])
-    return FeatureCache(latents, ids[:, 0] if per_item == 1 else ids, txt[:, :used].contiguous(),
-                        torch.cat(vec), empty_txt.float().cpu(), empty_vec.float().cpu())
+    return FeatureCache(latents, ids[:, 0] if per_item == 1 else ids, txt, torch.cat(vec), empty_txt.float().cpu(),
+                        empty_vec.float().cpu())
 
 
 def load_or_build_feature_cache(cache_dir: Path, autoencoder_path: Path, dataset: ShapesDataset,
