@@ -163,7 +163,8 @@ def build_feature_cache(dataset: ShapesDataset, autoencoder: AutoEncoder, text_e
     # serving); a caption's states then differ from a lone run's by float rounding only.
     encode = getattr(text_encoder, "encode_uncached", text_encoder.encode)
     # Each batch trimmed to the positions it uses, then copied into one tensor as the batches are freed: the peak
-    # stays near the states' trimmed size (192000 captions: ~8 GB), not three times their padded size.
+    # stays near the states' trimmed size (192000 captions: ~8 GB), where a list, its concatenation and the
+    # trimmed copy held up to three.
     pieces, vec = [], []
     for start in tqdm(range(0, len(distinct), ENCODE_BATCH), desc="encoding captions", disable=not progress,
                       leave=False):
