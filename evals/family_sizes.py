@@ -21,12 +21,12 @@ from fluxion.files import atomic_write
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = {"shapes": ROOT / "evals" / "shapes.jsonl", "phrasings": ROOT / "evals" / "shapes-phrasings.jsonl"}
 STEPS = {"tiny-pro": 20, "tiny-dev": 20, "tiny-schnell": 4}  # as the README's table: the spec's samplers
+SIZES = ["64x64", "128x128", "128x64", "64x128"]
 
 
 def steps_for(model: str) -> int:
     """The sampler steps for a model name or folder (runs/old-models/tiny-dev is a tiny-dev)."""
     return STEPS[Path(model).name]
-SIZES = ["64x64", "128x128", "128x64", "64x128"]
 
 
 def key(model: str, size: str, seed: int, spec: str) -> str:
