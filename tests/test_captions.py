@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fluxion.data import CaptionStyle, ShapesDataset, describe, group_scene, relation_scene
-from fluxion.data.captions import WORDINGS, Wording, draw_wording, held_out_wording
+from fluxion.data import captions
+from fluxion.data.captions import RICH_EXTRA, RICH_WORDINGS, WORDINGS, Wording, draw_wording, held_out_wording
 from fluxion.data.shapes import INVERSE_RELATION
 from fluxion.errors import InputError
 from fluxion.eval import load_spec
@@ -37,15 +38,29 @@ def _held_out_phrases(text: str) -> list[str]:
     return [p.pattern for p in HELD_OUT if p.search(text)]
 
 
-def test_wordings_cover_every_field_and_default_to_the_spec_grammar():
-    assert set(WORDINGS) == {f.name for f in fields(Wording)}
-    assert all(WORDINGS[f.name][0][0] == f.default for f in fields(Wording))
+@pytest.mark.parametrize("table", [WORDINGS, RICH_WORDINGS], ids=["varied", "rich"])
+def test_wordings_default_to_the_spec_grammar_and_every_trained_one_is_drawn(table):
+    assert set(RICH_WORDINGS) == {f.name for f in fields(Wording)} and set(WORDINGS) <= set(RICH_WORDINGS)
+    assert all(table[f.name][0][0] == f.default for f in fields(Wording) if f.name in table)
     rng = np.random.default_rng(0)
     seen = defaultdict(set)
-    for _ in range(3000):
-        for name, value in vars(draw_wording(rng)).items():
+    for _ in range(5000):
+        for name, value in vars(draw_wording(rng, table)).items():
             seen[name].add(value)
-    assert {name: set(trained) for name, (trained, _) in WORDINGS.items()} == dict(seen)  # every trained one drawn
+    trained = {f.name: set(table[f.name][0]) if f.name in table else {f.default} for f in fields(Wording)}
+    assert trained == dict(seen)  # fields the table lacks keep their default
+
+
+def test_rich_wordings_share_no_word_stem_with_a_held_out_wording():
+    """The rich extras must not teach a held-out word by another form ("show" for "showing", "colored")."""
+    def words(phrases):
+        return {w for p in phrases for w in re.findall(r"[a-z]+", re.sub(r"\{\w*\}", "", p))}
+
+    held = words(h for _, out in WORDINGS.values() for h in out) - words(t for tr, _ in WORDINGS.values() for t in tr)
+    assert {"showing", "side", "under", "coloured", "sits", "both", "with"} <= held
+    extra = words(o for options in RICH_EXTRA.values() for o in options)
+    assert not {(w, h) for w in extra for h in held if w[:4] == h[:4]}
+    assert all(RICH_WORDINGS[name][1] == WORDINGS[name][1] for name in WORDINGS)  # the same held-out set
 
 
 def test_wordings_phrase_the_scene():
@@ -66,14 +81,15 @@ def test_wordings_phrase_the_scene():
         == "exactly three squares coloured orange"
 
 
-def test_varied_captions_name_each_relation_in_its_direction():
+@pytest.mark.parametrize("table", [WORDINGS, RICH_WORDINGS], ids=["varied", "rich"])
+def test_varied_captions_name_each_relation_in_its_direction(table):
     """Whatever the wording, the relation phrase sits between the two objects in the drawn direction, and each
     named colour is its own object's."""
     ds = ShapesDataset(seed=5, length=400, p_relation=1.0, captions="varied")
     rng = np.random.default_rng(1)
     for i in range(len(ds)):
         scene = ds.scene(i)[0]
-        wording = draw_wording(rng)
+        wording = draw_wording(rng, table)
         for form in ("relation", "inverse"):
             style = CaptionStyle(color=True, form=form, wording=wording)
             text = describe(scene, style)
@@ -84,8 +100,9 @@ def test_varied_captions_name_each_relation_in_its_direction():
             assert b.shape not in before.split() and a.shape not in after.split(), text
 
 
-def test_held_out_wordings_never_reach_training_captions():
-    ds = ShapesDataset(seed=2, length=4000, p_relation=0.75, layout="halves", captions="varied",
+@pytest.mark.parametrize("mode", ["varied", "rich"])
+def test_held_out_wordings_never_reach_training_captions(mode):
+    ds = ShapesDataset(seed=2, length=4000, p_relation=0.75, layout="halves", captions=mode,
                        captions_per_image=2)
     texts = [t for i in range(2000) for t in ds.captions(i)]
     assert len(set(texts)) > 0.8 * len(texts)  # many phrasings, not a few templates
@@ -135,6 +152,8 @@ def test_a_cache_of_varied_captions_is_keyed_by_the_wordings(tmp_path, monkeypat
     varied = ShapesDataset(seed=1, length=10, captions="varied")
     before = batches.cache_key(ae, varied, encoder)
     template = batches.cache_key(ae, ShapesDataset(seed=1, length=10), encoder)
-    monkeypatch.setitem(batches.WORDINGS, "end", (("", "!"), ()))
+    rich = batches.cache_key(ae, ShapesDataset(seed=1, length=10, captions="rich"), encoder)
+    monkeypatch.setitem(captions.WORDINGS, "end", (("", "!"), ()))
     assert batches.cache_key(ae, varied, encoder) != before
+    assert rich not in (before, template)
     assert batches.cache_key(ae, ShapesDataset(seed=1, length=10), encoder) == template  # templates: no wordings

@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -243,6 +244,7 @@ def test_a_killed_run_resumes_to_the_same_weights(root):
     # machine used to finish all 12 steps between two polls).
     child = f"""
 import time
+import tomllib
 from fluxion.training import loop, run
 save = loop.save_checkpoint
 def save_then_stall(path, **state):
@@ -777,3 +779,27 @@ def test_lora_targets_name_groups_or_patterns(tmp_path, dev_run):
     weights = LoRAWeights(base, ["attention"], rank=4, alpha=8.0)
     update = weights.adapter("x").updates["single_blocks.0.linear1"]
     assert update.scale == 2.0 and not update.up.any() and update.down.shape == (4, base.params.hidden_size)
+
+
+def test_text_mixup_blends_each_caption_with_another_of_the_batch(root, pro_run, tmp_path):
+    from fluxion.training.stages import FlowStage
+
+    stage = FlowStage(load_config(root / "pro.toml"), torch.device("cpu"))
+    b = stage.next_batch()
+    g = torch.Generator().manual_seed(0)
+    assert stage.mix_texts(b.txt, b.vec, 0.0, g) == (b.txt, b.vec)
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())  # off: no draw, no change
+    txt, vec = stage.mix_texts(b.txt, b.vec, 0.4, g)
+    assert not torch.equal(txt, b.txt)
+    for i in range(len(b)):  # row i = (1 - w) own + w other, one w for its states and its pooled vector
+        fits = []
+        for j in range(len(b)):
+            d = (b.vec[j] - b.vec[i]).flatten()
+            w = float((vec[i] - b.vec[i]).flatten() @ d / d.square().sum()) if d.any() else 0.0
+            fits.append((float((torch.lerp(b.txt[i], b.txt[j], w) - txt[i]).abs().max()), w))
+        err, w = min(fits)
+        assert err < 1e-5 and -1e-6 <= w <= 0.4 + 1e-6
+    recipe = tomllib.loads((root / "pro.toml").read_text())
+    recipe["objective"]["text_mixup"] = 1.0
+    with pytest.raises(ConfigError, match="objective.text_mixup"):
+        load_config(write_recipe(tmp_path / "mix.toml", recipe))

@@ -39,6 +39,8 @@ class Wording:
     pair: str = "{a} and {b}"           # a pair named without its relation
     background: str = "on a {} background"
     end: str = ""                       # "." or nothing
+    degree: str = ""                    # an adverb before the relation: "a circle directly left of a square"
+    adjective: str = ""                 # a word before every noun phrase that says nothing drawn: "a plain circle"
 
     def relation(self, relation: str) -> str:
         return {"left of": self.left, "right of": self.right, "above": self.above, "below": self.below}[relation]
@@ -65,14 +67,55 @@ WORDINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "background": (("on a {} background", "on {}", "against a {} background"), ("with a {} background",)),
     "end": (("", "."), ()),
 }
+# The "rich" captions: each field's trained wordings above and these, which fill the frames, verbs and relations
+# with many more words and put fillers ("directly", "plain") between the ones that matter, so that no word the
+# model meets is tied to where the content words sit. None is a held-out word or shares a stem with one (no
+# "show", "side", "sit", "with", "colored").
+RICH_EXTRA: dict[str, tuple[str, ...]] = {
+    "frame": ("a view of {}", "a sketch of {}", "a diagram of {}", "a graphic of {}", "a depiction of {}",
+              "an example of {}", "a snapshot of {}", "a photograph of {}", "an artwork of {}", "a poster of {}",
+              "a painting of {}", "a simple picture of {}", "a clean drawing of {}", "a flat illustration of {}",
+              "a digital image of {}", "an icon of {}", "here is {}", "we see {}", "look at {}", "{} on display",
+              "{} in flat style"),
+    "one": ("just one", "only one", "a lone"),
+    "count": ("precisely {word}", "a total of {word}", "{word} separate"),
+    "color": ("{noun} shaded {color}", "{noun} tinted {color}", "{noun} in solid {color}"),
+    "small": ("smaller", "compact", "petite"),
+    "large": ("giant", "enormous", "massive"),
+    "left": ("at the left of", "leftward of", "left from"),
+    "right": ("at the right of", "rightward of", "right from"),
+    "above": ("up above", "higher up than", "further up than"),
+    "below": ("down below", "lower down than", "further down than"),
+    "clause": ("{a} stands {relation} {b}", "{a} appears {relation} {b}", "{a} is located {relation} {b}",
+               "{a} rests {relation} {b}", "{a} is found {relation} {b}", "{a} is positioned {relation} {b}",
+               "{a} can be seen {relation} {b}"),
+    "pair": ("{a}, {b}", "{a} and also {b}", "{a} in addition to {b}", "{a} and then {b}"),
+    "background": ("in front of a {} background", "on a plain {} background", "set against {}",
+                   "on a {} backdrop"),
+    "degree": ("", "directly", "just", "slightly", "clearly", "somewhat", "immediately", "roughly", "a bit"),
+    "adjective": ("", "simple", "plain", "flat", "solid", "neat", "clean", "basic"),
+}
+_NONE: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+RICH_WORDINGS = {f.name: (WORDINGS.get(f.name, _NONE)[0] + RICH_EXTRA.get(f.name, ()), WORDINGS.get(f.name, _NONE)[1])
+                 for f in fields(Wording)}
+
+
+def caption_wordings(mode: str) -> dict | None:
+    """The wordings table a dataset's caption mode draws from (None: "templates", the spec's wording only)."""
+    return {"templates": None, "varied": WORDINGS, "rich": RICH_WORDINGS}[mode]
+
+
 P_DEFAULT_WORDING = 0.4  # each field keeps the spec's wording this often, so the spec's phrasing stays common
 
 
-def draw_wording(rng: np.random.Generator) -> Wording:
-    """A random trained wording, field by field."""
+def draw_wording(rng: np.random.Generator, table: dict = WORDINGS) -> Wording:
+    """A random trained wording of `table` (WORDINGS or RICH_WORDINGS), field by field; fields it lacks keep the
+    default."""
     choices = {}
     for f in fields(Wording):
-        trained = WORDINGS[f.name][0]
+        if f.name not in table:
+            continue
+        trained = table[f.name][0]
         u = rng.random()  # one draw per field: below P_DEFAULT_WORDING the default, above it the others in turn
         k = 0 if u < P_DEFAULT_WORDING or len(trained) == 1 else \
             1 + min(int((u - P_DEFAULT_WORDING) / (1 - P_DEFAULT_WORDING) * (len(trained) - 1)), len(trained) - 2)
@@ -119,6 +162,8 @@ def noun_phrase(shape: str, count: int = 1, color: str | None = None, size: str 
         noun = wording.color.format(color=color, noun=noun)
     if size:  # the size comes first: "a small red circle", "a small circle in red"
         noun = f"{wording.small if size == 'small' else wording.large} {noun}"
+    if wording.adjective:
+        noun = f"{wording.adjective} {noun}"
     if count > 1:
         return f"{wording.count.format(word=NUMBER_WORDS[count], digit=count)} {noun}"
     return f"{_article(noun) if wording.one == 'a' else wording.one} {noun}"
@@ -137,6 +182,8 @@ def describe(scene: Scene, style: CaptionStyle) -> str:
     else:
         a, b = (_object_phrase(o, style) for o in scene.objects)
         relation, inverse = w.relation(scene.relation), w.relation(INVERSE_RELATION[scene.relation])
+        if w.degree:
+            relation, inverse = f"{w.degree} {relation}", f"{w.degree} {inverse}"
         body = {"relation": w.clause.format(a=a, relation=relation, b=b),
                 "inverse": w.clause.format(a=b, relation=inverse, b=a),
                 "and": w.pair.format(a=a, b=b),
@@ -152,17 +199,19 @@ def caption_styles(scene: Scene) -> list[CaptionStyle]:
                                                               (True, False), forms)]
 
 
-def caption(scene: Scene, rng: np.random.Generator, reading_order: bool = False, varied: bool = False) -> str:
+def caption(scene: Scene, rng: np.random.Generator, reading_order: bool = False,
+            wordings: dict | None = None) -> str:
     """A random caption of `scene`; every caption names each object's shape and count and the relation
     (unless it uses the plain 'a and b' form), and any colour, size or background it names is the drawn one.
-    With `reading_order`, the plain form names the left (or upper) object first. With `varied`, the words too
-    are drawn (draw_wording: frames, articles, numerals, word orders, relation phrases; never held-out ones)."""
+    With `reading_order`, the plain form names the left (or upper) object first. Given `wordings` (WORDINGS
+    or RICH_WORDINGS), the words too are drawn (draw_wording: frames, articles, numerals, word orders, relation
+    phrases; never held-out ones); without, the caption keeps the spec's wording."""
     u = rng.random(5)
     form = FORMS[min(int(np.searchsorted(np.cumsum(FORM_WEIGHTS), u[4], side="right")), len(FORMS) - 1)]
     if reading_order and form in ("and", "and_reversed"):
         form = "and" if scene.relation in ("left of", "above") else "and_reversed"
     style = CaptionStyle(prefix=PREFIXES[int(u[0] < P_PHOTO)], color=bool(u[1] < P_COLOR),
                          size=bool(u[2] < P_SIZE), background=bool(u[3] < P_BACKGROUND), form=form)
-    if varied:  # the frame takes the place of the prefix
-        style = replace(style, prefix="", wording=draw_wording(rng))
+    if wordings is not None:  # the frame takes the place of the prefix
+        style = replace(style, prefix="", wording=draw_wording(rng, wordings))
     return describe(scene, style)

@@ -6,13 +6,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fluxion.data.captions import caption
+from fluxion.data.captions import caption, caption_wordings
 from fluxion.data.render import render
 from fluxion.data.shapes import (ALL_SHAPES, BUCKETS, HELD_OUT_PAIRS, HELD_OUT_SHAPES, P_RELATION, TRAIN_SHAPES, Scene,
                                  check_layout, sample_scene)
 from fluxion.errors import InputError
 
-CAPTION_MODES = ("templates", "varied")
+CAPTION_MODES = ("templates", "varied", "rich")
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -28,8 +28,9 @@ class ShapesDataset:
     it in reading order. With `teach` (a held-out shape, e.g. the star for a LoRA), the first `teach_images`
     items (default: all) each show that shape, drawn from `shapes`; the items after them are ordinary scenes of
     the other shapes (DreamBooth's prior-preservation images). Held-out colour pairs stay out either way.
-    `captions` is "templates" (the spec's wording) or "varied" (captions.draw_wording: many phrasings, never the
-    held-out ones); `captions_per_image` captions are drawn per item (`captions(i)`), the first as `scene(i)`'s."""
+    `captions` is "templates" (the spec's wording), "varied" (captions.draw_wording: many phrasings, never the
+    held-out ones) or "rich" (more of them, with fillers: captions.RICH_WORDINGS); `captions_per_image` captions
+    are drawn per item (`captions(i)`), the first as `scene(i)`'s."""
 
     def __init__(self, seed: int = 0, length: int = 1_000_000, buckets: Sequence[tuple[int, int]] = BUCKETS, *,
                  allow_held_out: bool = False, shapes: tuple[str, ...] = TRAIN_SHAPES,
@@ -83,7 +84,7 @@ class ShapesDataset:
         return scene, self._caption(scene, rng)
 
     def _caption(self, scene: Scene, rng: np.random.Generator) -> str:
-        return caption(scene, rng, reading_order=self.layout == "halves", varied=self.caption_mode == "varied")
+        return caption(scene, rng, reading_order=self.layout == "halves", wordings=caption_wordings(self.caption_mode))
 
     def captions(self, index: int) -> list[str]:
         """The item's `captions_per_image` captions of one scene: scene(index)'s, then more drawn from

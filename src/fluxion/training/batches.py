@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints.io import load_state_dict, read_checkpoint_info, save_state_dict
 from ..data import BucketBatchSampler, ShapesDataset, collate
-from ..data.captions import WORDINGS
+from ..data.captions import caption_wordings
 from ..errors import InputError
 from ..model import AutoEncoder
 
@@ -131,7 +131,7 @@ def cache_key(autoencoder_path: Path, dataset: ShapesDataset, text_encoder) -> s
         "text_dim": text_encoder.context_dim,
         # varied captions depend on the wordings too: a changed grammar must not reuse a cache
         **({"captions": dataset.caption_mode, "captions_per_image": dataset.captions_per_image,
-            "wordings": WORDINGS if dataset.caption_mode == "varied" else None}
+            "wordings": caption_wordings(dataset.caption_mode)}
            if (dataset.caption_mode, dataset.captions_per_image) != ("templates", 1) else {})})
 
 

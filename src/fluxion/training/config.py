@@ -64,7 +64,8 @@ class DataConfig:
     p_relation: float = P_RELATION  # share of two-object relation scenes; the rest are 1-4 copies of one object
     text_length: int = 32  # MiniLM tokens per caption (padded); recorded in the model's manifest for inference
     layout: str = "spread"  # where a pair's objects go (fluxion.data.shapes.LAYOUTS)
-    captions: str = "templates"  # "varied": many phrasings of each scene (fluxion.data.captions.draw_wording)
+    captions: str = "templates"  # "varied": many phrasings of each scene (fluxion.data.captions.draw_wording);
+    # "rich": more of them, with filler words (captions.RICH_WORDINGS)
     captions_per_image: int = 1  # captions cached per image; epoch e reads caption (e + i) % n of item i
     shapes: list[str] = field(default_factory=lambda: list(TRAIN_SHAPES))  # the shapes scenes are drawn from
     teach: str = ""  # a held-out shape the first teach_images scenes show (a LoRA teaching it); "" = none
@@ -117,6 +118,9 @@ class FlowObjective:
     t_std: float = 1.0
     shift: bool = True  # apply the sampler's resolution-dependent shift to t as well
     caption_dropout: float = 0.1  # empty caption "" with this probability (for classifier-free guidance)
+    # Mix each caption's text states with another caption's of the batch, by a weight drawn from U(0, text_mixup);
+    # the target stays the caption's own image, so the model must read its words through word-like interference.
+    text_mixup: float = 0.0
 
 
 @dataclass
@@ -347,6 +351,8 @@ def _validate(cfg: TrainConfig) -> None:
                  f"must be [low, high] with 0 < low <= high, got {lo_hi}")
     if isinstance(obj, (FlowObjective, GuidanceObjective, LoRAObjective)):
         _require(0 <= obj.caption_dropout <= 1, s, "objective.caption_dropout", "must be in [0, 1]")
+    if isinstance(obj, FlowObjective):
+        _require(0 <= obj.text_mixup < 1, s, "objective.text_mixup", f"must be in [0, 1), got {obj.text_mixup}")
         _require(obj.t_std > 0, s, "objective.t_std", f"must be > 0, got {obj.t_std}")
     if isinstance(obj, GuidanceObjective):
         _require(0 < obj.guidance_min <= obj.guidance_max, s, "objective.guidance_min",

@@ -185,6 +185,14 @@ class TransformerStage:
         return (torch.where(drop[:, None, None], self.empty_txt, b.txt),
                 torch.where(drop[:, None], self.empty_vec, b.vec))
 
+    def mix_texts(self, txt: Tensor, vec: Tensor, most: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Each caption's states mixed with another caption's of the batch, by a weight drawn from U(0, most)."""
+        if most <= 0:
+            return txt, vec
+        other = torch.randperm(len(txt), generator=generator).to(self.device)
+        weight = (most * torch.rand(len(txt), generator=generator)).to(self.device, txt.dtype)
+        return (torch.lerp(txt, txt[other], weight[:, None, None]), torch.lerp(vec, vec[other], weight[:, None]))
+
     def timesteps(self, b: LatentBatch, generator: torch.Generator) -> Tensor:
         # the sampler's shift for this many tokens
         mu = schedule_mu(b.x0.shape[1], self.cfg.shift_schedule()) if self.obj.shift else None
@@ -225,6 +233,7 @@ class FlowStage(TransformerStage):
 
     def loss(self, model: Flux, b: LatentBatch, generator: torch.Generator) -> tuple[Tensor, dict]:
         txt, vec = self.drop_captions(b, self.obj.caption_dropout, generator)
+        txt, vec = self.mix_texts(txt, vec, self.obj.text_mixup, generator)
         t = self.timesteps(b, generator)
         noise = _randn(b.x0.shape, generator, b.x0)
         velocity = lambda x, t: model(x, b.img_ids, txt, b.txt_ids, t, vec)  # noqa: E731
