@@ -5,14 +5,18 @@ probe: a logistic regression fit on the trained relation phrases (fluxion.data.c
 captions, asked which way each held-out phrase points; if it cannot tell, neither can a model that reads the same
 states.
 
-    python evals/direction_words.py
+    python evals/direction_words.py [--models runs/tiny-pro-sizes5/model ...]
 """
+
+import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from fluxion.data import CaptionStyle, ShapesDataset, describe
 from fluxion.data.captions import RICH_WORDINGS, draw_wording
+from fluxion.checkpoints import load_transformer
 from fluxion.text import load_minilm
 
 VERTICAL = ["under", "over", "below", "beneath", "underneath", "above", "atop"]  # the first two held out
@@ -31,6 +35,10 @@ def table(title: str, states: dict[str, torch.Tensor]) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="*", default=[], type=Path,
+                        help="model folders whose txt_in projection of the states is probed too")
+    args = parser.parse_args()
     text = load_minilm(max_length=32)
 
     def encode(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +49,10 @@ def main() -> None:
     table("token state of the word in 'a square WORD a circle'",
           {w: encode(f"a square {w} a circle")[0][3] for w in VERTICAL})
     table("pooled vector of 'a circle WORDS a square'", {w: encode(f"a circle {w} a square")[1] for w in HORIZONTAL})
-    probe(text)
+    projections = {"MiniLM state": lambda z: z}
+    for folder in args.models:
+        projections[f"txt_in projection of {folder}"] = load_transformer(folder / "transformer.safetensors").txt_in
+    probe(text, projections)
 
 
 RELATIONS = ("left", "right", "above", "below")
@@ -82,13 +93,11 @@ def n_tokens(text, words: str) -> int:
     return len(text.tokenizer.encode(words).ids)
 
 
-def probe(text) -> None:
-    trained = {r: RICH_WORDINGS[r][0] for r in RELATIONS} | {"and": CONNECTIVES}
-    x, y, _ = relation_features(text, lambda r, rng: trained[r][rng.integers(len(trained[r]))], 2000, seed=1)
+def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int):
+    """A multinomial logistic regression on standardised features (L-BFGS, a little L2): features -> class."""
     mean, std = x.mean(0), x.std(0) + 1e-6
-    classes = RELATIONS + ("and",)
-    w = torch.zeros(x.shape[1], len(classes), requires_grad=True)
-    b = torch.zeros(len(classes), requires_grad=True)
+    w = torch.zeros(x.shape[1], classes, requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=200)
 
     def closure():
@@ -98,16 +107,30 @@ def probe(text) -> None:
         return loss
 
     opt.step(closure)
-    print("\nlinear probe of the relation phrase's mean token state (4 directions and the pair connectives; fit on "
-          "the trained phrases)")
+    return lambda z: ((z - mean) / std @ w + b).argmax(1)
+
+
+def probe(text, projections: dict) -> None:
+    """For each projection of the states (the states themselves, a model's txt_in), a probe fit on the trained
+    phrases, then asked about the spec's phrase and the held-out ones of each direction."""
+    trained = {r: RICH_WORDINGS[r][0] for r in RELATIONS} | {"and": CONNECTIVES}
+    x, y, _ = relation_features(text, lambda r, rng: trained[r][rng.integers(len(trained[r]))], 2000, seed=1)
+    tests = {}
     for r in RELATIONS:
         for phrase in RICH_WORDINGS[r][0][:1] + RICH_WORDINGS[r][1]:
             xt, yt, _ = relation_features(text, lambda rel, rng: phrase if rel == r else trained[rel][0], 400, seed=2)
-            keep = yt == RELATIONS.index(r)
-            pred = ((xt[keep] - mean) / std @ w + b).argmax(1)
-            counts = {classes[k]: int((pred == k).sum()) for k in range(len(classes))}
-            held = "held out" if phrase in RICH_WORDINGS[r][1] else "trained"
-            print(f"  {phrase!r:26} ({held:8}, means {r}): read as {counts}")
+            tests[r, phrase] = xt[yt == RELATIONS.index(r)]
+    classes = RELATIONS + ("and",)
+    for name, project in projections.items():
+        with torch.no_grad():
+            read = fit_probe(project(x), y, len(classes))
+            print(f"\nlinear probe of the relation phrase's mean {name} (4 directions and the pair connectives; fit "
+                  "on the trained phrases)")
+            for (r, phrase), xt in tests.items():
+                pred = read(project(xt))
+                counts = {classes[k]: int((pred == k).sum()) for k in range(len(classes))}
+                held = "held out" if phrase in RICH_WORDINGS[r][1] else "trained"
+                print(f"  {phrase!r:26} ({held:8}, means {r}): read as {counts}")
 
 
 if __name__ == "__main__":
