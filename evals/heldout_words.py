@@ -1,0 +1,69 @@
+"""Where the held-out wordings lose, word by word: from the per-image records `evals/family_sizes.py` keeps (one folder
+per model, size, seed and spec under DIR), the image accuracy of the prompts of evals/shapes-phrasings.jsonl that use
+each held-out wording, beside the accuracy of the same entries in the spec's wording (evals/shapes.jsonl), pooled
+over the seed sets found. Worst loss first.
+
+    python evals/heldout_words.py runs/eval/family-sizes              # every size found, tiny-pro
+    python evals/heldout_words.py runs/eval/phr-rich/family-sizes --model tiny-pro --sizes 64x64
+"""
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from fluxion.data.captions import WORDINGS
+
+SIZES = ["64x64", "128x128", "128x64", "64x128"]
+
+
+def held_out_patterns() -> dict[str, re.Pattern]:
+    """Each held-out wording ("on the right side of", "both {a} and {b}") as a regex of its words, any text in
+    its inner slots."""
+    patterns = {}
+    for _, held in WORDINGS.values():
+        for wording in held:
+            parts = [p.strip() for p in re.split(r"\{\w*\}", wording)]
+            words = " .+? ".join(re.escape(p) for p in parts if p)
+            patterns[wording] = re.compile(rf"\b{words}\b")
+    return patterns
+
+
+def records(folder: Path, model: str, size: str, spec: str) -> list[dict]:
+    return [r for path in sorted(folder.glob(f"{model}_{size}_seed=*_{spec}/results.json"))
+            for r in json.loads(path.read_text())["records"]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path, help="the family-sizes folder of an evals/family_sizes.py run")
+    parser.add_argument("--model", default="tiny-pro")
+    parser.add_argument("--sizes", nargs="+", default=SIZES)
+    args = parser.parse_args()
+
+    patterns = held_out_patterns()
+    for size in args.sizes:
+        phrased, trained = (records(args.folder, args.model, size, spec) for spec in ("phrasings", "shapes"))
+        if not phrased or not trained:
+            continue
+        by_entry = defaultdict(list)
+        for r in trained:
+            by_entry[r["entry"]].append(r["correct"])
+        rows = defaultdict(lambda: [0, 0, 0.0])  # wording -> [correct, images, the same entries' spec accuracy]
+        for r in phrased:
+            for wording, pattern in patterns.items():
+                if pattern.search(r["prompt"]):
+                    row = rows[wording]
+                    row[0] += r["correct"]
+                    row[1] += 1
+                    row[2] += sum(by_entry[r["entry"]]) / len(by_entry[r["entry"]])
+        print(f"\n{args.model} {size}: images right {sum(r['correct'] for r in phrased) / len(phrased):.3f} in the "
+              f"held-out wordings, {sum(r['correct'] for r in trained) / len(trained):.3f} in the spec's")
+        print("| held-out wording | images | right in it | right in the spec's |\n| --- | ---: | ---: | ---: |")
+        for wording, (right, n, spec_right) in sorted(rows.items(), key=lambda kv: (kv[1][0] - kv[1][2]) / kv[1][1]):
+            print(f"| {wording} | {n} | {right / n:.2f} | {spec_right / n:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
