@@ -157,3 +157,23 @@ def test_a_cache_of_varied_captions_is_keyed_by_the_wordings(tmp_path, monkeypat
     assert batches.cache_key(ae, varied, encoder) != before
     assert rich not in (before, template)
     assert batches.cache_key(ae, ShapesDataset(seed=1, length=10), encoder) == template  # templates: no wordings
+
+
+def test_balanced_order_names_the_left_or_upper_object_first_half_the_time():
+    """With reading order, the plain forms always name the left/upper object first; balance_order makes relation
+    captions name it first less often, so that over all pair captions the order tells nothing."""
+    def left_or_upper_first(balance: bool) -> float:
+        ds = ShapesDataset(seed=3, length=3000, p_relation=1.0, layout="halves", captions="rich",
+                           balance_order=balance)
+        hits = 0
+        for i in range(len(ds)):
+            scene, text = ds.scene(i)
+            a, b = scene.objects  # a pair of two shapes; a is `relation` of b
+            first = a if text.index(a.shape) < text.index(b.shape) else b
+            hits += first is (a if scene.relation in ("left of", "above") else b)
+        return hits / len(ds)
+
+    assert left_or_upper_first(False) == pytest.approx(0.65, abs=0.03)
+    assert left_or_upper_first(True) == pytest.approx(0.5, abs=0.03)
+    with pytest.raises(InputError, match="balance_order needs layout='halves'"):
+        ShapesDataset(balance_order=True)

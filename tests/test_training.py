@@ -303,6 +303,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(root, ae_path
     (lambda r: r["data"].update(text_length=2), "data.text_length"),
     (lambda r: r["data"].update(p_relation=1.5), "data.p_relation"),
     (lambda r: r["data"].update(layout="grid"), "data.layout"),
+    (lambda r: r["data"].update(balance_order=True), "data.balance_order"),  # the default layout is "spread"
     (lambda r: r["data"].update(shapes=["star"]), "data.shapes"),  # held out, and not taught
     (lambda r: r["data"].update(shapes=["hexagon"]), "data.shapes[0]"),
     (lambda r: r["data"].update(teach="star"), "data.teach"),  # not among data.shapes

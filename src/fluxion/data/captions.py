@@ -105,6 +105,9 @@ def caption_wordings(mode: str) -> dict | None:
     return {"templates": None, "varied": WORDINGS, "rich": RICH_WORDINGS}[mode]
 
 
+# With reading order, the plain forms ("a circle and a square", FORM_WEIGHTS' last 0.3) always name the left or
+# upper object first; relation captions that do so this often bring all pair captions to one half (balance_order).
+P_LEFT_OR_UPPER_FIRST = (0.5 - sum(FORM_WEIGHTS[2:])) / (1 - sum(FORM_WEIGHTS[2:]))
 P_DEFAULT_WORDING = 0.4  # each field keeps the spec's wording this often, so the spec's phrasing stays common
 
 
@@ -200,16 +203,21 @@ def caption_styles(scene: Scene) -> list[CaptionStyle]:
 
 
 def caption(scene: Scene, rng: np.random.Generator, reading_order: bool = False,
-            wordings: dict | None = None) -> str:
+            wordings: dict | None = None, balance_order: bool = False) -> str:
     """A random caption of `scene`; every caption names each object's shape and count and the relation
     (unless it uses the plain 'a and b' form), and any colour, size or background it names is the drawn one.
     With `reading_order`, the plain form names the left (or upper) object first. Given `wordings` (WORDINGS
     or RICH_WORDINGS), the words too are drawn (draw_wording: frames, articles, numerals, word orders, relation
-    phrases; never held-out ones); without, the caption keeps the spec's wording."""
+    phrases; never held-out ones); without, the caption keeps the spec's wording. With `reading_order` and
+    `balance_order`, a relation caption names the right (or lower) object first often enough that half of all pair
+    captions do: reading order then tells nothing, and the relation phrase must be read."""
     u = rng.random(5)
     form = FORMS[min(int(np.searchsorted(np.cumsum(FORM_WEIGHTS), u[4], side="right")), len(FORMS) - 1)]
     if reading_order and form in ("and", "and_reversed"):
         form = "and" if scene.relation in ("left of", "above") else "and_reversed"
+    elif reading_order and balance_order and scene.relation is not None:
+        left_or_upper_first = rng.random() < P_LEFT_OR_UPPER_FIRST
+        form = "relation" if left_or_upper_first == (scene.relation in ("left of", "above")) else "inverse"
     style = CaptionStyle(prefix=PREFIXES[int(u[0] < P_PHOTO)], color=bool(u[1] < P_COLOR),
                          size=bool(u[2] < P_SIZE), background=bool(u[3] < P_BACKGROUND), form=form)
     if wordings is not None:  # the frame takes the place of the prefix

@@ -30,12 +30,13 @@ class ShapesDataset:
     the other shapes (DreamBooth's prior-preservation images). Held-out colour pairs stay out either way.
     `captions` is "templates" (the spec's wording), "varied" (captions.draw_wording: many phrasings, never the
     held-out ones) or "rich" (more of them, with fillers: captions.RICH_WORDINGS); `captions_per_image` captions
-    are drawn per item (`captions(i)`), the first as `scene(i)`'s."""
+    are drawn per item (`captions(i)`), the first as `scene(i)`'s. `balance_order`: see captions.caption."""
 
     def __init__(self, seed: int = 0, length: int = 1_000_000, buckets: Sequence[tuple[int, int]] = BUCKETS, *,
                  allow_held_out: bool = False, shapes: tuple[str, ...] = TRAIN_SHAPES,
                  p_relation: float = P_RELATION, layout: str = "spread", teach: str | None = None,
-                 teach_images: int | None = None, captions: str = "templates", captions_per_image: int = 1):
+                 teach_images: int | None = None, captions: str = "templates", captions_per_image: int = 1,
+                 balance_order: bool = False):
         if length < 1 or not buckets:
             raise InputError(f"ShapesDataset needs length >= 1 and at least one bucket, got length={length}, "
                              f"buckets={buckets}")
@@ -58,7 +59,10 @@ class ShapesDataset:
             raise InputError(f"captions must be one of {CAPTION_MODES}, got {captions!r}")
         if captions_per_image < 1:
             raise InputError(f"captions_per_image must be >= 1, got {captions_per_image}")
-        self.caption_mode, self.captions_per_image = captions, captions_per_image
+        if balance_order and layout != "halves":
+            raise InputError("balance_order needs layout='halves' (captions in reading order), got "
+                             f"layout={layout!r}")
+        self.caption_mode, self.captions_per_image, self.balance_order = captions, captions_per_image, balance_order
         self.teach = teach
         self.teach_images = length if teach_images is None else teach_images
         self.allow_held_out, self.shapes, self.p_relation, self.layout = allow_held_out, shapes, p_relation, layout
@@ -84,7 +88,8 @@ class ShapesDataset:
         return scene, self._caption(scene, rng)
 
     def _caption(self, scene: Scene, rng: np.random.Generator) -> str:
-        return caption(scene, rng, reading_order=self.layout == "halves", wordings=caption_wordings(self.caption_mode))
+        return caption(scene, rng, reading_order=self.layout == "halves", wordings=caption_wordings(self.caption_mode),
+                       balance_order=self.balance_order)
 
     def captions(self, index: int) -> list[str]:
         """The item's `captions_per_image` captions of one scene: scene(index)'s, then more drawn from

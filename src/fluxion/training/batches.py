@@ -132,7 +132,8 @@ def cache_key(autoencoder_path: Path, dataset: ShapesDataset, text_encoder) -> s
         # varied captions depend on the wordings too: a changed grammar must not reuse a cache
         **({"captions": dataset.caption_mode, "captions_per_image": dataset.captions_per_image,
             "wordings": caption_wordings(dataset.caption_mode)}
-           if (dataset.caption_mode, dataset.captions_per_image) != ("templates", 1) else {})})
+           if (dataset.caption_mode, dataset.captions_per_image) != ("templates", 1) else {}),
+        **({"balance_order": True} if dataset.balance_order else {})})
 
 
 @torch.no_grad()

@@ -67,6 +67,8 @@ class DataConfig:
     captions: str = "templates"  # "varied": many phrasings of each scene (fluxion.data.captions.draw_wording);
     # "rich": more of them, with filler words (captions.RICH_WORDINGS)
     captions_per_image: int = 1  # captions cached per image; epoch e reads caption (e + i) % n of item i
+    # pair captions name the left/upper object first half the time, not 65% (layout "halves"; captions.caption)
+    balance_order: bool = False
     shapes: list[str] = field(default_factory=lambda: list(TRAIN_SHAPES))  # the shapes scenes are drawn from
     teach: str = ""  # a held-out shape the first teach_images scenes show (a LoRA teaching it); "" = none
     teach_images: int = 0  # 0 = all; the rest are ordinary scenes without it (prior preservation)
@@ -283,6 +285,8 @@ def _validate(cfg: TrainConfig) -> None:
                  f"must be [height, width], multiples of 16, got {b}")
     _require(len(cfg.data.buckets) >= 1, s, "data.buckets", "must list at least one bucket")
     _require(cfg.data.layout in LAYOUTS, s, "data.layout", f"must be one of {LAYOUTS}, got {cfg.data.layout!r}")
+    _require(not cfg.data.balance_order or cfg.data.layout == "halves", s, "data.balance_order",
+             f"needs data.layout = 'halves' (captions in reading order), got {cfg.data.layout!r}")
     for i, shape in enumerate(cfg.data.shapes):
         _require(shape in ALL_SHAPES, s, f"data.shapes[{i}]", f"must be one of {ALL_SHAPES}, got {shape!r}")
     _require(bool(cfg.data.shapes), s, "data.shapes", "must list at least one shape")

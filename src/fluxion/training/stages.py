@@ -34,7 +34,7 @@ def _dataset(cfg: TrainConfig) -> ShapesDataset:
                          buckets=[tuple(b) for b in cfg.data.buckets], p_relation=cfg.data.p_relation,
                          layout=cfg.data.layout, shapes=tuple(cfg.data.shapes), teach=cfg.data.teach or None,
                          teach_images=cfg.data.teach_images or None, captions=cfg.data.captions,
-                         captions_per_image=cfg.data.captions_per_image)
+                         captions_per_image=cfg.data.captions_per_image, balance_order=cfg.data.balance_order)
 
 
 def _randn(shape, generator: torch.Generator, like: Tensor) -> Tensor:
