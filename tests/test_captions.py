@@ -156,6 +156,9 @@ def test_a_cache_of_varied_captions_is_keyed_by_the_wordings(tmp_path, monkeypat
     monkeypatch.setitem(captions.WORDINGS, "end", (("", "!"), ()))
     assert batches.cache_key(ae, varied, encoder) != before
     assert rich not in (before, template)
+    halves = {"seed": 1, "length": 10, "captions": "rich", "layout": "halves"}
+    assert batches.cache_key(ae, ShapesDataset(**halves, balance_order=True), encoder) != \
+        batches.cache_key(ae, ShapesDataset(**halves), encoder)
     assert batches.cache_key(ae, ShapesDataset(seed=1, length=10), encoder) == template  # templates: no wordings
 
 
