@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import importlib.util
 import json
+import sys
 from collections import deque
 from pathlib import Path
 
@@ -384,3 +385,24 @@ def test_binding_learnability_renders_swap_only_the_shapes(monkeypatch):
         centroids = [np.argwhere(m).mean(0) for m in masks]
         assert masks[0].sum() > 50 and (masks[0] != masks[1]).any()  # the same place, another shape
         assert np.abs(centroids[0] - centroids[1]).max() < 4  # a triangle's centroid sits lower in its box
+
+
+def test_heldout_words_finds_each_held_out_wording_and_compares_the_same_entries(tmp_path, capsys, monkeypatch):
+    heldout_words = _script("heldout_words")
+    patterns = heldout_words.held_out_patterns()
+    phrased = load_spec(ROOT / "evals" / "shapes-phrasings.jsonl")
+    assert all(any(p.search(e["prompt"]) for p in patterns.values()) for e in phrased)
+    assert not any(p.search(e["prompt"]) for e in SPEC_ENTRIES for p in patterns.values())
+    assert not patterns["under"].search("a square underneath a circle")
+    # entry 0 in a held-out wording: right once of two; in the spec's wording: right twice of two
+    for spec, correct in (("phrasings", [True, False]), ("shapes", [True, True])):
+        folder = tmp_path / f"tiny-pro_64x64_seed=0_{spec}"
+        folder.mkdir()
+        prompt = phrased[0]["prompt"] if spec == "phrasings" else SPEC_ENTRIES[0]["prompt"]
+        records = [{"entry": 0, "prompt": prompt, "correct": c} for c in correct]
+        (folder / "results.json").write_text(json.dumps({"records": records}))
+    monkeypatch.setattr(sys, "argv", ["heldout_words.py", str(tmp_path), "--sizes", "64x64"])
+    heldout_words.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    wordings = [w for w, p in patterns.items() if p.search(phrased[0]["prompt"])]
+    assert rows[1:] == [f"| {w} | 2 | 0.50 | 1.00 |" for w in wordings]
