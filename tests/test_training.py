@@ -332,6 +332,10 @@ def test_transformer_stage_configs_require_their_inputs(tmp_path):
                          objective={"teacher": "t.safetensors", "student_rollout": 1.5})
     with pytest.raises(ConfigError, match="objective.student_rollout"):
         load_config(write_recipe(tmp_path / "d.toml", recipe))
+    recipe = flux_recipe(tmp_path, tmp_path / "ae.safetensors", "dev", "guidance", "dev", guidance=True,
+                         objective={"teacher": "t.safetensors", "t_std": 0.0})
+    with pytest.raises(ConfigError, match="objective.t_std"):  # checked for every objective that draws t
+        load_config(write_recipe(tmp_path / "e.toml", recipe))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
 

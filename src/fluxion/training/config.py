@@ -355,9 +355,9 @@ def _validate(cfg: TrainConfig) -> None:
                  f"must be [low, high] with 0 < low <= high, got {lo_hi}")
     if isinstance(obj, (FlowObjective, GuidanceObjective, LoRAObjective)):
         _require(0 <= obj.caption_dropout <= 1, s, "objective.caption_dropout", "must be in [0, 1]")
+        _require(obj.t_std > 0, s, "objective.t_std", f"must be > 0, got {obj.t_std}")
     if isinstance(obj, FlowObjective):
         _require(0 <= obj.text_mixup < 1, s, "objective.text_mixup", f"must be in [0, 1), got {obj.text_mixup}")
-        _require(obj.t_std > 0, s, "objective.t_std", f"must be > 0, got {obj.t_std}")
     if isinstance(obj, GuidanceObjective):
         _require(0 < obj.guidance_min <= obj.guidance_max, s, "objective.guidance_min",
                  f"must be in (0, guidance_max], got {obj.guidance_min} > {obj.guidance_max}")
