@@ -1,7 +1,8 @@
 """Where the held-out wordings lose, word by word: from the per-image records `evals/family_sizes.py` keeps (one folder
 per model, size, seed and spec under DIR), the image accuracy of the prompts of evals/shapes-phrasings.jsonl that use
 each held-out wording, beside the accuracy of the same entries in the spec's wording (evals/shapes.jsonl), pooled
-over the seed sets found. Worst loss first.
+over the seed sets found. Worst loss first. Then, for the held-out relation wordings, where the two objects were
+drawn: on the axis the relation names, and with the first-named object left of or above the other (reading order).
 
     python evals/heldout_words.py runs/eval/family-sizes              # every size found, tiny-pro
     python evals/heldout_words.py runs/eval/phr-rich/family-sizes --model tiny-pro --sizes 64x64
@@ -16,6 +17,8 @@ from pathlib import Path
 from fluxion.data.captions import WORDINGS
 
 SIZES = ["64x64", "128x128", "128x64", "64x128"]
+HELD_OUT_RELATIONS = {"on the left side of": "x", "on the right side of": "x", "over": "y", "under": "y"}
+SHAPE = re.compile(r"\b(circle|square|triangle|star)\b")
 
 
 def held_out_patterns() -> dict[str, re.Pattern]:
@@ -63,6 +66,29 @@ def main() -> None:
         print("| held-out wording | images | right in it | right in the spec's |\n| --- | ---: | ---: | ---: |")
         for wording, (right, n, spec_right) in sorted(rows.items(), key=lambda kv: (kv[1][0] - kv[1][2]) / kv[1][1]):
             print(f"| {wording} | {n} | {right / n:.2f} | {spec_right / n:.2f} |")
+        print("| held-out relation | both objects found | on its axis | first-named left of / above the other |\n"
+              "| --- | ---: | ---: | ---: |")
+        for wording, axis in HELD_OUT_RELATIONS.items():
+            print(f"| {wording} | " + " | ".join(map(str, layouts(phrased, patterns[wording], axis))) + " |")
+
+
+def layouts(phrased: list[dict], pattern: re.Pattern, axis: str) -> tuple[int, int, int]:
+    """Images of prompts matching `pattern` with both named objects detected; of them, how many lie further apart
+    along `axis` ("x" or "y") than across it, and how many have the first-named object first in reading order."""
+    found = on_axis = reading_order = 0
+    k = "xy".index(axis)
+    for r in phrased:
+        names = SHAPE.findall(r["prompt"])
+        if not pattern.search(r["prompt"]) or len(names) != 2:
+            continue
+        centres = {d["cls"]: d["centroid"] for d in r["detections"]}
+        if not set(names) <= set(centres):
+            continue
+        first, second = centres[names[0]], centres[names[1]]
+        found += 1
+        on_axis += abs(first[k] - second[k]) > abs(first[1 - k] - second[1 - k])
+        reading_order += first[k] < second[k]
+    return found, on_axis, reading_order
 
 
 if __name__ == "__main__":

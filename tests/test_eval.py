@@ -405,4 +405,11 @@ def test_heldout_words_finds_each_held_out_wording_and_compares_the_same_entries
     heldout_words.main()
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
     wordings = [w for w, p in patterns.items() if p.search(phrased[0]["prompt"])]
-    assert rows[1:] == [f"| {w} | 2 | 0.50 | 1.00 |" for w in wordings]
+    assert rows[1:1 + len(wordings)] == [f"| {w} | 2 | 0.50 | 1.00 |" for w in wordings]
+    # "a circle under a square": found twice, once drawn one above the other with the circle on top (reading order)
+    records = [{"prompt": "a photo of a circle under a square", "detections": [
+        {"cls": "circle", "centroid": [30, 10]}, {"cls": "square", "centroid": [32, 50]}]}, {
+        "prompt": "a circle under a square", "detections": [
+            {"cls": "circle", "centroid": [10, 40]}, {"cls": "square", "centroid": [50, 30]}]},
+        {"prompt": "a circle under a square", "detections": [{"cls": "circle", "centroid": [10, 40]}]}]
+    assert heldout_words.layouts(records, patterns["under"], "y") == (2, 1, 1)
