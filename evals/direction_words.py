@@ -59,11 +59,12 @@ RELATIONS = ("left", "right", "above", "below")
 # A fifth class: the connectives of a pair named without its relation ("{a} plus {b}"), which the tiny models draw
 # in reading order; a phrase read as one of these is drawn as if it named no relation.
 CONNECTIVES = tuple(p.split("{a} ")[1].split(" {b}")[0] for p in RICH_WORDINGS["pair"][0] if p.startswith("{a} "))
+CLASSES = RELATIONS + ("and",)
 
 
-def relation_features(text, phrase_of, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def relation_features(text, phrase_of, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For n random relation scenes in random trained wordings, with the relation phrased by phrase_of(relation,
-    rng): the mean MiniLM state of the relation phrase's tokens, the scene's relation index, the captions."""
+    rng): the mean MiniLM state of the relation phrase's tokens and the phrase's class (CLASSES)."""
     ds = ShapesDataset(seed=seed, length=n, p_relation=1.0, layout="halves")
     rng = np.random.default_rng(seed)
     texts, spans, labels = [], [], []
@@ -75,15 +76,14 @@ def relation_features(text, phrase_of, n: int, seed: int) -> tuple[torch.Tensor,
         # the words around the relation drawn as in training; the phrase is put in by hand
         wording = draw_wording(rng, RICH_WORDINGS)
         style = CaptionStyle(color=bool(rng.random() < 0.7), wording=wording)
-        marker = describe(scene, style).replace(f" {wording.relation(scene.relation)} ", " \x00 ", 1)
-        before, after = marker.split(" \x00 ")
+        before, after = describe(scene, style).split(f" {wording.relation(scene.relation)} ", 1)
         texts.append(f"{before} {phrase} {after}")
         start = n_tokens(text, before) - 1  # without [SEP]: the phrase's first token
         spans.append((start, start + n_tokens(text, phrase) - 2))
-        labels.append((RELATIONS + ("and",)).index(relation))
+        labels.append(CLASSES.index(relation))
     states = torch.cat([text.encode_uncached(texts[k:k + 64])[0] for k in range(0, n, 64)]).float()
     features = torch.stack([states[k, a:b].mean(0) for k, (a, b) in enumerate(spans)])
-    return features, torch.tensor(labels), texts
+    return features, torch.tensor(labels)
 
 
 def n_tokens(text, words: str) -> int:
@@ -114,21 +114,20 @@ def probe(text, projections: dict) -> None:
     """For each projection of the states (the states themselves, a model's txt_in), a probe fit on the trained
     phrases, then asked about the spec's phrase and the held-out ones of each direction."""
     trained = {r: RICH_WORDINGS[r][0] for r in RELATIONS} | {"and": CONNECTIVES}
-    x, y, _ = relation_features(text, lambda r, rng: trained[r][rng.integers(len(trained[r]))], 2000, seed=1)
+    x, y = relation_features(text, lambda r, rng: trained[r][rng.integers(len(trained[r]))], 2000, seed=1)
     tests = {}
     for r in RELATIONS:
         for phrase in RICH_WORDINGS[r][0][:1] + RICH_WORDINGS[r][1]:
-            xt, yt, _ = relation_features(text, lambda rel, rng: phrase if rel == r else trained[rel][0], 400, seed=2)
+            xt, yt = relation_features(text, lambda rel, rng: phrase if rel == r else trained[rel][0], 400, seed=2)
             tests[r, phrase] = xt[yt == RELATIONS.index(r)]
-    classes = RELATIONS + ("and",)
     for name, project in projections.items():
         with torch.no_grad():
-            read = fit_probe(project(x), y, len(classes))
+            read = fit_probe(project(x), y, len(CLASSES))
             print(f"\nlinear probe of the relation phrase's mean {name} (4 directions and the pair connectives; fit "
                   "on the trained phrases)")
             for (r, phrase), xt in tests.items():
                 pred = read(project(xt))
-                counts = {classes[k]: int((pred == k).sum()) for k in range(len(classes))}
+                counts = {c: int((pred == k).sum()) for k, c in enumerate(CLASSES)}
                 held = "held out" if phrase in RICH_WORDINGS[r][1] else "trained"
                 print(f"  {phrase!r:26} ({held:8}, means {r}): read as {counts}")
 

@@ -180,3 +180,16 @@ def test_balanced_order_names_the_left_or_upper_object_first_half_the_time():
     assert left_or_upper_first(True) == pytest.approx(0.5, abs=0.03)
     with pytest.raises(InputError, match="balance_order needs layout='halves'"):
         ShapesDataset(balance_order=True)
+
+
+def test_rich_captions_fit_the_models_text_length():
+    """The sizes chain reads 32 MiniLM tokens: a rich caption past them loses its end (docs: 1 in 40000)."""
+    from fluxion.text import load_minilm
+
+    tokenizer = load_minilm(max_length=32).tokenizer
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    ds = ShapesDataset(seed=14, length=20000, buckets=[(64, 64)], p_relation=0.75, layout="halves", captions="rich",
+                       captions_per_image=2)
+    lengths = [len(e.ids) for e in tokenizer.encode_batch([t for i in range(len(ds)) for t in ds.captions(i)])]
+    assert len(lengths) == 40000 and sum(n > 32 for n in lengths) <= 1 and max(lengths) <= 34
