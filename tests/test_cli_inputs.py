@@ -43,7 +43,7 @@ def one_line_error(r, code: int, *words: str) -> None:
     (["--sigmas", "1.5", "0.5"], ["sigmas[0] (--sigmas): expected a number in (0, 1], got 1.5"]),
     (["--seed", "-1"], ["seed (--seed): expected an integer from 0"]),
     (["--width", "0"], ["width (--width)"]),
-    (["--width", "16384", "--height", "16384"], ["tiny-schnell supports 48 to 80 px a side", "--allow-any-size"]),
+    (["--width", "16384", "--height", "16384"], ["tiny-schnell supports 64 to 128 px a side", "--allow-any-size"]),
     (["--width", "50"], ["width (--width): expected a positive multiple of 16", "try 48 or 64"]),
     (["--max-memory", "lots"], ["max_memory (--max-memory)"]),
     (["--device", "cuda"], ["device (--device): 'cuda' is not available on this machine"]),
@@ -141,7 +141,9 @@ def test_ctrl_c_during_generate_leaves_only_whole_images(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "fluxion.cli", "generate", "a blue square", "--num-images", "40",
                              "--width", "256", "--height", "256", "--allow-any-size", "--seed", "0",
                              "--max-memory", "300MB", "--out", f"{out}/"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            # a shell's background job starts with SIGINT ignored, which Python would keep
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert _wait_for(lambda: out.is_dir() and any(out.glob("*.png")), proc), proc.communicate()
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)

@@ -282,10 +282,11 @@ def test_torchao_imports_quietly():
 
 # -- the shipped tiny models -------------------------------------------------------------------------------------
 # Sampling amplifies small changes chaotically, sample by sample: measured relative latent differences after 4 steps
-# (2 samples; tiny-dev t2i / tiny-pro true CFG 4 / tiny-schnell i2i): int8 0.02 / 0.12 / 0.05, int8-weight
-# 0.02 / 0.18 / 0.11, fp8 0.14 / 0.31 / 0.17, int4 0.07 / 0.67 / 0.23. Two seeds of one prompt differ by
-# 1.27 / 0.73 / 0.93. GenEval-shapes (benchmarks/quantize.py quality) is the quality measure; these catch breakage.
-PIPE_TOLERANCE = {"int8": 0.3, "int8-weight": 0.35, "fp8": 0.5, "int4": 1.0}
+# (2 samples; tiny-dev t2i / tiny-pro true CFG 4 / tiny-schnell i2i) on the models shipped since issue #27: int8
+# 0.09 / 0.15 / 0.03, int8-weight 0.05 / 0.02 / 0.01, fp8 0.07 / 0.52 / 0.01, int4 0.15 / 0.96 / 0.32. tiny-pro's fp8
+# is 0.03 at its 20 steps, and two seeds of its prompts differ by 1.43. GenEval-shapes (benchmarks/quantize.py
+# quality) is the quality measure; these catch breakage.
+PIPE_TOLERANCE = {"int8": 0.3, "int8-weight": 0.35, "fp8": 0.65, "int4": 1.2}
 
 
 @pytest.fixture(scope="module")

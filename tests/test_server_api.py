@@ -159,7 +159,7 @@ def test_errors_have_the_openai_shape_and_status(client, server):
     assert e.value.body["param"] == "prompt"
     with pytest.raises(openai.BadRequestError) as e:
         client.images.generate(model="tiny-schnell", prompt="x", size="1024x1024")
-    assert e.value.body["param"] == "size" and "supports 48 to 80 px" in e.value.body["message"]
+    assert e.value.body["param"] == "size" and "supports 64 to 128 px" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
         client.images.generate(model="tiny-dev", prompt="x", extra_body={"lora": [{"path": "../../etc/passwd"}]})
     assert e.value.body["param"] == "lora[0].path" and e.value.body["code"] == "path_not_allowed"

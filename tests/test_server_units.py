@@ -178,7 +178,7 @@ def schnell_info():
     ({"prompt": "x" * 101}, "prompt", "at most 100 characters"),
     ({}, "prompt", "required"),
     ({"prompt": 3}, "prompt", "expected a string"),
-    ({"prompt": "x", "width": 64, "height": 4096}, "size", "tiny-schnell supports 48 to 80 px"),
+    ({"prompt": "x", "width": 64, "height": 4096}, "size", "tiny-schnell supports 64 to 128 px"),
     ({"prompt": "x", "width": 70, "height": 64}, "size", "multiple of 16"),
     ({"prompt": "x", "seed": -1}, "seed", "seed: expected an integer"),
     ({"prompt": "x", "guidance": float("nan")}, "guidance", "guidance"),

@@ -343,9 +343,9 @@ def test_transformer_stage_configs_require_their_inputs(tmp_path):
 def test_shipped_recipes_parse_and_fit_the_size_budget():
     recipes = Path(__file__).parent.parent / "recipes"
     current, history = sorted(recipes.glob("*.toml")), sorted((recipes / "history").glob("*.toml"))
-    # at most three recipes per model: the VAE's, the teacher chain then the sizes for tiny-pro (tiny-dev and
-    # tiny-schnell have one each), the past in history/
-    assert {p.stem for p in current} == {"tiny-vae", "tiny-pro-teacher", "tiny-pro-sizes", "tiny-dev", "tiny-schnell",
+    # at most three recipes per model: the teacher chain, then the sizes (tiny-pro), then the distillations (tiny-dev
+    # and tiny-schnell, one recipe of two stages); the VAE's own; the past in history/
+    assert {p.stem for p in current} == {"tiny-vae", "tiny-pro-teacher", "tiny-pro-sizes", "tiny-dev-schnell",
                                          "lora-star"} and history
     for path in current + history:
         for cfg in load_stages(path):
@@ -375,10 +375,11 @@ def test_the_teacher_chain_holds_the_stages_it_replaced():
     for before, after in zip(earlier, earlier[1:] + [sizes]):
         assert after.model.init_from == f"{before.run.out_dir}/model/transformer.safetensors"
         assert after.data.captions in ("varied", "rich") and not before.export.dir  # only the last one ships
-    assert sizes.data.captions == "rich" and sizes.data.balance_order
     assert sizes.export.dir == "src/fluxion/models/tiny-pro"
-    # the family's last recipes share the teacher's scenes, sizes, captions and shift, and chain to it
-    dev, schnell = load_config(recipes / "tiny-dev.toml"), load_config(recipes / "tiny-schnell.toml")
+    rich = load_config(recipes / "history" / "tiny-pro-sizes-rich.toml")  # the stage after it, not shipped
+    assert rich.model.init_from == f"{sizes.run.out_dir}/model/transformer.safetensors" and not rich.export.dir
+    # the family's last recipe shares the teacher's scenes, sizes, captions and shift, and chains to it
+    dev, schnell = load_stages(recipes / "tiny-dev-schnell.toml")
     assert dev.to_dict()["data"] == schnell.to_dict()["data"] == sizes.to_dict()["data"]
     assert dev.model.shift_schedule == schnell.model.shift_schedule == sizes.model.shift_schedule
     assert dev.objective.teacher == dev.model.init_from == f"{sizes.run.out_dir}/model/transformer.safetensors"
