@@ -174,7 +174,7 @@ def test_fewstep_stage_distils_dev_into_a_guidance_free_student(root, ae_path, d
     teacher = str(dev_run / "model" / "transformer.safetensors")
     recipe = flux_recipe(root, ae_path, "schnell", "fewstep", "schnell", steps=2,
                          objective={"teacher": teacher, "teacher_substeps": 2, "student_steps": [1, 4],
-                                    "student_rollout": 0.5, "shift": True},
+                                    "student_rollout": 0.5, "shift": True, "segment_weights": [2, 2, 1, 1, 1]},
                          model={"init_from": teacher, "init_guidance": 3.5})
     recipe["export"]["defaults"]["shift"] = True  # sampled on the resolution-shifted schedule
     out = run(write_recipe(root / "schnell.toml", recipe))
@@ -332,6 +332,11 @@ def test_transformer_stage_configs_require_their_inputs(tmp_path):
                          objective={"teacher": "t.safetensors", "student_rollout": 1.5})
     with pytest.raises(ConfigError, match="objective.student_rollout"):
         load_config(write_recipe(tmp_path / "d.toml", recipe))
+    recipe = flux_recipe(tmp_path, tmp_path / "ae.safetensors", "schnell", "fewstep", "schnell",
+                         objective={"teacher": "t.safetensors", "student_steps": [1, 4], "segment_weights": [1, 1]})
+    with pytest.raises(ConfigError, match=r"objective.segment_weights must list one weight >= 0 per student step "
+                                          r"\(5 for student_steps \[1, 4\]\)"):
+        load_config(write_recipe(tmp_path / "d2.toml", recipe))
     recipe = flux_recipe(tmp_path, tmp_path / "ae.safetensors", "dev", "guidance", "dev", guidance=True,
                          objective={"teacher": "t.safetensors", "t_std": 0.0})
     with pytest.raises(ConfigError, match="objective.t_std"):  # checked for every objective that draws t
@@ -511,6 +516,15 @@ def test_jump_target_matches_teacher_integration():
     exact = x * torch.exp((t_next**2 - t**2) / 2).view(-1, 1, 1)
     target = objectives.jump_target(linear, x, t, t_next, 2000)
     assert torch.allclose(x + (t_next - t).view(-1, 1, 1) * target, exact, atol=1e-4)
+
+
+def test_pick_segments_follows_the_weights():
+    g = torch.Generator().manual_seed(0)
+    assert objectives.pick_segments(4, 64, g, [0, 0, 1, 0]).tolist() == [2] * 64
+    counts = torch.bincount(objectives.pick_segments(4, 20000, g, [0.4, 0.3, 0.2, 0.1]), minlength=4) / 20000
+    assert torch.allclose(counts, torch.tensor([0.4, 0.3, 0.2, 0.1]), atol=0.015)
+    uniform = objectives.pick_segments(4, 20000, g)  # no weights: every segment as often
+    assert torch.allclose(torch.bincount(uniform, minlength=4) / 20000, torch.full((4,), 0.25), atol=0.015)
 
 
 def test_schedule_segments_are_the_sampler_schedules_steps():

@@ -147,6 +147,9 @@ class FewStepObjective:
     # share of samples whose x_t is where the student's own steps from pure noise land (sampling's inputs), not
     # the data noised to t; 0 = all from the data (the default, as every recipe before it)
     student_rollout: float = 0.0
+    # how often each step of the schedules is drawn (one weight per step, schedules in order: [0.4, 0.3, 0.2, 0.1]
+    # for 4 steps); empty = all equally often
+    segment_weights: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -369,6 +372,11 @@ def _validate(cfg: TrainConfig) -> None:
                  f"must list step counts >= 1, got {obj.student_steps}")
         _require(0 <= obj.student_rollout <= 1, s, "objective.student_rollout",
                  f"must be in [0, 1], got {obj.student_rollout}")
+        n = sum(obj.student_steps)
+        _require(not obj.segment_weights or (len(obj.segment_weights) == n and min(obj.segment_weights) >= 0
+                                             and sum(obj.segment_weights) > 0), s, "objective.segment_weights",
+                 f"must list one weight >= 0 per student step ({n} for student_steps {obj.student_steps}), not all "
+                 f"0, got {obj.segment_weights}")
 
 
 def parse_config(data: dict, source: str = "<dict>") -> TrainConfig:

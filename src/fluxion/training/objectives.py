@@ -90,6 +90,13 @@ def schedule_segments(student_steps: list[int], image_seq_len: int, shift: bool,
     return segments
 
 
+def pick_segments(count: int, batch: int, generator: torch.Generator, weights: list[float] | None = None) -> Tensor:
+    """Which of `count` segments each sample of the batch learns: uniformly, or in proportion to `weights`."""
+    if not weights:  # randint, as before weights existed: earlier recipes keep their random streams
+        return torch.randint(count, (batch,), generator=generator)
+    return torch.multinomial(torch.tensor(weights, dtype=torch.float64), batch, replacement=True, generator=generator)
+
+
 def own_steps(velocity: Callable[[Tensor, Tensor, Tensor], Tensor], noise: Tensor,
               paths: list[list[float]]) -> Tensor:
     """Euler steps of `velocity(x, t, rows)` from each sample's noise along its path of schedule points (1.0 first),

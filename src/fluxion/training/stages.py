@@ -265,9 +265,9 @@ class GuidanceStage(TransformerStage):
 
 class FewStepStage(TransformerStage):
     """FLUX.1 [schnell]-like: trajectory distillation onto the few-step schedule (unshifted, or with the sampler's
-    shift). At a schedule point t (x_t from the data, or for a share `student_rollout` from the student's own
-    steps), one student Euler step to the next point t' must land where `teacher_substeps` Euler steps of the
-    guided teacher land: v_student(x_t, t) = (x_t' - x_t) / (t' - t)."""
+    shift). At a schedule point t (drawn uniformly, or as objective.segment_weights say; x_t from the data, or for
+    a share `student_rollout` from the student's own steps), one student Euler step to the next point t' must land
+    where `teacher_substeps` Euler steps of the guided teacher land: v_student(x_t, t) = (x_t' - x_t) / (t' - t)."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device):
         super().__init__(cfg, device)
@@ -288,7 +288,7 @@ class FewStepStage(TransformerStage):
     def loss(self, model: Flux, b: LatentBatch, generator: torch.Generator) -> tuple[Tensor, dict]:
         segments = objectives.schedule_segments(self.obj.student_steps, b.x0.shape[1], shift=self.obj.shift,
                                                 schedule=self.cfg.shift_schedule())
-        pick = torch.randint(len(segments), (len(b),), generator=generator)
+        pick = objectives.pick_segments(len(segments), len(b), generator, self.obj.segment_weights)
         t = torch.tensor([segments[i][0][-1] for i in pick], dtype=torch.float32, device=self.device)
         t_next = torch.tensor([segments[i][1] for i in pick], dtype=torch.float32, device=self.device)
         noise = _randn(b.x0.shape, generator, b.x0)
