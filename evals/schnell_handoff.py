@@ -1,7 +1,7 @@
 """Where does tiny-schnell lose to tiny-dev? Sample with one model up to a point of tiny-schnell's 4-step schedule and
 the other from there on, and score each hand-off on evals/shapes.jsonl (4 images per prompt, the spec's seeds).
 
-    python evals/schnell_handoff.py --size 64x64 --out runs/eval/handoff-64.json
+    python evals/schnell_handoff.py --size 64x64 --out runs/eval/handoff/64x64.json
 
 Arms: "dev" (its 20 shifted steps), "schnell" (its 4), "dev>k" (tiny-dev's own steps down to the schedule point
 after schnell's step k, then tiny-schnell's remaining steps) and "schnell>k" (tiny-schnell's first k steps, then
@@ -63,7 +63,7 @@ def main() -> None:
             ids = image_ids(img.shape[0], lat_h, lat_w)
             for pipe, times in parts:
                 cond = pipe.encode_prompt(prompts)
-                img = denoise(pipe.transformer, img, ids, cond, times, guidance=3.5)
+                img = denoise(pipe.transformer, img, ids, cond, times, guidance=dev.defaults.guidance_scale)
             return tensor_to_images(dev.decode(unpack(img.float(), lat_h, lat_w)))
 
         r = run_eval(generate, ROOT / "evals" / "shapes.jsonl", args.images_per_prompt,
